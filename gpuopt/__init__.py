@@ -1,0 +1,31 @@
+"""gpuopt: Flux.Optimise's update rules as fused CUDA kernels on CuPy, NumPy on the CPU.
+
+Every rule is defined once (:mod:`gpuopt.rule`); the NumPy executor and the CUDA kernels
+are both generated from that one definition.
+"""
+
+from .api import apply, update
+from .chain import Optimiser
+from .expr import Expr, clamp, maximum, minimum, sqrt, total, where
+from .rule import Hyper, Rule, beta_pair, non_negative, positive, positive_integer, unit_interval
+from .rules import (
+    ADAM, ADAMW, NADAM, RADAM, ADADelta, ADAGrad, AdaMax, AMSGrad, ClipNorm, ClipValue, Descent,
+    ExpDecay, InvDecay, Momentum, Nesterov, RMSProp, WeightDecay,
+)
+
+# Pythonic aliases for the seed's names.
+Adam, AdamW, NAdam, RAdam, Adadelta, Adagrad, RMSprop, SGD = (
+    ADAM, ADAMW, NADAM, RADAM, ADADelta, ADAGrad, RMSProp, Descent,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "update", "apply", "Optimiser", "Rule", "Hyper", "Expr",
+    "sqrt", "maximum", "minimum", "clamp", "where", "total",
+    "non_negative", "positive", "positive_integer", "unit_interval", "beta_pair",
+    "Descent", "Momentum", "Nesterov", "RMSProp", "ADAM", "RADAM", "AdaMax", "ADAGrad",
+    "ADADelta", "AMSGrad", "NADAM", "ADAMW", "WeightDecay", "ClipValue", "ClipNorm",
+    "InvDecay", "ExpDecay",
+    "Adam", "AdamW", "NAdam", "RAdam", "Adadelta", "Adagrad", "RMSprop", "SGD",
+]

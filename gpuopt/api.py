@@ -1,0 +1,139 @@
+"""``update`` and ``apply``: the public entry points, for one array or a collection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .backends import get_backend
+from .backends.numpy_backend import compute_dtype
+from .dispatch import Resolved, check_pair, check_writable
+from .plan import Program, plan
+from .rule import ParamState, Rule
+
+
+@dataclass
+class Job:
+    """One parameter's step, ready for a backend: flat arrays plus host scalars."""
+
+    key: object  # the user's parameter object: state is keyed on its identity
+    x: Any  # the parameter as a backend array (a view of the user's object)
+    g: Any
+    slots: list[Any]  # one flat row per state slot of the chain, in program order
+    scalars: list[float]
+    out: Any = None  # apply(): where the step goes
+
+
+def _entries(params: Any, grads: Any) -> list[tuple[str, object, object]]:
+    """(name, parameter, gradient) triples; TypeError when the structures differ."""
+    if isinstance(params, dict):
+        if not isinstance(grads, dict):
+            raise TypeError(f"params is a dict, so grads must be a dict too, got {type(grads).__name__}")
+        missing = [k for k in params if k not in grads]
+        extra = [k for k in grads if k not in params]
+        if missing or extra:
+            raise TypeError(
+                f"grads must have the same keys as params: missing {missing}, unexpected {extra}"
+            )
+        return [(f"params[{k!r}]", params[k], grads[k]) for k in params]
+    if isinstance(params, (list, tuple)):
+        if not isinstance(grads, (list, tuple)):
+            raise TypeError(f"params is a {type(params).__name__}, so grads must be a list or tuple, got {type(grads).__name__}")
+        if len(grads) != len(params):
+            raise TypeError(f"params has {len(params)} entries but grads has {len(grads)}")
+        return [(f"params[{i}]", p, g) for i, (p, g) in enumerate(zip(params, grads))]
+    if isinstance(grads, (list, tuple, dict)):
+        raise TypeError(f"params is a single array but grads is a {type(grads).__name__}")
+    return [("parameter", params, grads)]
+
+
+def _checked(opt: Rule, entries: Iterable[tuple[str, object, object]], writes_x: bool
+             ) -> list[tuple[object, Resolved, Resolved]]:
+    """Every check, before anything is written."""
+    if not isinstance(opt, Rule):
+        raise TypeError(f"opt must be a gpuopt rule or Optimiser, got {type(opt).__name__}")
+    checked = []
+    seen: dict[int, str] = {}
+    for name, x_obj, g_obj in entries:
+        if g_obj is None:
+            continue  # a parameter without a gradient is skipped
+        x, g = check_pair(x_obj, g_obj, name)
+        if writes_x:
+            check_writable(x, name)
+        if id(x_obj) in seen:
+            raise ValueError(f"{name} is the same array as {seen[id(x_obj)]}; each parameter may appear once")
+        seen[id(x_obj)] = name
+        for leaf in opt.leaves():
+            state = leaf.state_for(x_obj)
+            if state is not None and state.slots is not None and state.slots.shape[1] != x.array.size:
+                raise ValueError(
+                    f"{name} has {x.array.size} elements but {type(leaf).__name__} holds state "
+                    f"for {state.slots.shape[1]}; call opt.reset() after resizing parameters"
+                )
+        checked.append((x_obj, x, g))
+    return checked
+
+
+def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved) -> Job:
+    backend = get_backend(x.backend)
+    leaves = opt.leaves()
+    states = []
+    for leaf in leaves:
+        state = leaf.state_for(key)
+        if state is None:
+            slots = None
+            if leaf.state:
+                slots = backend.full_state(leaf.initial_state(), x.array.size, compute_dtype(x.array.dtype))
+            state = ParamState(0, slots)
+            leaf.set_state_for(key, state)
+        states.append(state)
+    values = []
+    for leaf, state in zip(leaves, states):
+        leaf.advance(state.t + 1)
+        values.append(leaf.scalars(state.t + 1))
+    scalars = [values[ref.rule][ref.name] for ref in program.scalars]
+    slots = [states[ref.rule].slots[ref.position] for ref in program.slots]
+    return Job(key, x.array, g.array, slots, scalars)
+
+
+def _advance(opt: Rule, jobs: list[Job]) -> None:
+    for job in jobs:
+        for leaf in opt.leaves():
+            leaf.state_for(job.key).t += 1
+
+
+def update(opt: Rule, params: Any, grads: Any) -> None:
+    """Update ``params`` in place by one step of ``opt``; its state advances.
+
+    ``params`` is one array, or a list, tuple or dict of arrays with ``grads`` of the same
+    structure (a ``None`` gradient skips that parameter). Gradients are not modified.
+    Every check runs before any write, so a failing call changes nothing.
+    """
+    checked = _checked(opt, _entries(params, grads), writes_x=True)
+    if not checked:
+        return
+    program = plan(opt)
+    jobs = [_job(opt, program, key, x, g) for key, x, g in checked]
+    by_backend: dict[str, list[Job]] = {}
+    for job, (_, x, _) in zip(jobs, checked):
+        by_backend.setdefault(x.backend, []).append(job)
+    for name, group in by_backend.items():
+        get_backend(name).run(program, group, apply=False)
+    _advance(opt, jobs)
+
+
+def apply(opt: Rule, x: Any, dx: Any) -> Any:
+    """The step ``opt`` would subtract from ``x``, as a new array; ``x`` and ``dx`` stay
+    untouched and the optimiser's state advances."""
+    if isinstance(x, (list, tuple, dict)):
+        raise TypeError("apply takes one array; use update for collections")
+    (key, xr, gr), = _checked(opt, _entries(x, dx), writes_x=False) or [(None, None, None)]
+    if key is None:
+        raise TypeError("apply needs a gradient, got None")
+    program = plan(opt)
+    job = _job(opt, program, key, xr, gr)
+    backend = get_backend(xr.backend)
+    job.out = backend.empty_like(xr.array)
+    backend.run(program, [job], apply=True)
+    _advance(opt, [job])
+    return job.out

@@ -1,0 +1,69 @@
+"""Optimiser: a chain of rules, itself a rule, each feeding its ``d`` to the next."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, overload
+
+from .rule import IdentityWeakMap, Rule
+
+
+def _check_rule(rule: Any, where: str) -> Rule:
+    if not isinstance(rule, Rule):
+        raise TypeError(f"{where} must be a gpuopt rule, got {type(rule).__name__}")
+    return rule
+
+
+class Optimiser(Rule):
+    """Runs its rules in order; each produces a modified update that is fed into the next.
+
+    The whole chain is fused into one pass over memory (plus one reduction pass per
+    ``ClipNorm``-style rule). It behaves like a list: indexing, slicing (a new chain of the
+    same rule objects, sharing their state), ``len``, iteration, ``append``, ``extend``,
+    ``insert``.
+
+    >>> opt = Optimiser(ExpDecay(0.001, 0.1, 1000, 1e-4), Descent())
+    """
+
+    def __init__(self, *rules: Rule):
+        self.rules: list[Rule] = [_check_rule(r, f"Optimiser argument {i}") for i, r in enumerate(rules)]
+        self._state = IdentityWeakMap()
+
+    def leaves(self) -> tuple[Rule, ...]:
+        return tuple(leaf for rule in self.rules for leaf in rule.leaves())
+
+    @overload
+    def __getitem__(self, index: int) -> Rule: ...
+    @overload
+    def __getitem__(self, index: slice) -> Optimiser: ...
+    def __getitem__(self, index: int | slice) -> Rule | Optimiser:
+        if isinstance(index, slice):
+            return Optimiser(*self.rules[index])
+        return self.rules[index]
+
+    def __setitem__(self, index: int, rule: Rule) -> None:
+        self.rules[index] = _check_rule(rule, "an Optimiser member")
+
+    def __delitem__(self, index: int | slice) -> None:
+        del self.rules[index]
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self.rules)
+
+    def append(self, rule: Rule) -> None:
+        self.rules.append(_check_rule(rule, "an appended rule"))
+
+    def extend(self, rules: Any) -> None:
+        for rule in rules:
+            self.append(rule)
+
+    def insert(self, index: int, rule: Rule) -> None:
+        self.rules.insert(index, _check_rule(rule, "an inserted rule"))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+    def __repr__(self) -> str:
+        return f"Optimiser({', '.join(repr(r) for r in self.rules)})"

@@ -1,0 +1,119 @@
+"""The one dispatch point: which backend runs an array, and every check made before a write.
+
+Policy, in order:
+1. ``numpy.ndarray`` runs on the NumPy backend.
+2. ``cupy.ndarray`` runs on the CuPy backend.
+3. Any other object exposing ``__cuda_array_interface__``, or ``__dlpack__`` on a CUDA
+   device (a PyTorch CUDA tensor), is viewed as a CuPy array without a copy and updated in
+   place; one exposing ``__dlpack__`` on the CPU (a PyTorch CPU tensor) is viewed as a NumPy
+   array without a copy.
+4. Anything else is a ``TypeError``. So is a parameter whose gradient lives on another
+   backend, and any dtype other than float16, float32 or float64.
+
+CuPy is imported only when a GPU object is seen, so the NumPy path never needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_DLPACK_CPU, _DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED = 1, 2, 3, 13
+
+
+@functools.lru_cache(maxsize=1)
+def cupy_module() -> Any:
+    """CuPy, or None where it is not installed (or cannot be imported)."""
+    try:
+        import cupy
+    except Exception:  # ImportError, or a broken CUDA install raising at import
+        return None
+    return cupy
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_available() -> bool:
+    """Whether CuPy is importable and can see at least one usable GPU."""
+    cupy = cupy_module()
+    if cupy is None:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def type_name(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
+
+
+@dataclass
+class Resolved:
+    """An argument as a backend array: ``array`` is a view of the user's object."""
+
+    backend: str  # "numpy" or "cupy"
+    array: Any
+
+
+def resolve(obj: object, what: str) -> Resolved:
+    """The backend array behind ``obj`` (no copy), or TypeError naming ``what``."""
+    if isinstance(obj, np.ndarray):
+        return Resolved("numpy", obj)
+    cupy = cupy_module()
+    if cupy is not None and isinstance(obj, cupy.ndarray):
+        return Resolved("cupy", obj)
+    if hasattr(obj, "__cuda_array_interface__"):
+        return Resolved("cupy", _need_cupy(obj, what).asarray(obj))
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        device = obj.__dlpack_device__()[0]
+        if device in (_DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED):
+            return Resolved("cupy", _need_cupy(obj, what).from_dlpack(obj))
+        if device == _DLPACK_CPU:
+            return Resolved("numpy", np.from_dlpack(obj))
+    raise TypeError(
+        f"{what} must be an array (numpy.ndarray, cupy.ndarray or a CUDA array such as a "
+        f"torch CUDA tensor), got {type_name(obj)}"
+    )
+
+
+def _need_cupy(obj: object, what: str) -> Any:
+    cupy = cupy_module()
+    if cupy is None:
+        raise TypeError(f"{what} is a GPU array ({type_name(obj)}) but CuPy is not installed")
+    return cupy
+
+
+def check_dtype(array: Any, what: str) -> None:
+    if np.dtype(array.dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what} has dtype {array.dtype}; expected float16, float32 or float64")
+
+
+def check_pair(x_obj: object, g_obj: object, name: str) -> tuple[Resolved, Resolved]:
+    """Resolve and check a parameter and its gradient; raise before anything is written."""
+    x = resolve(x_obj, name)
+    g = resolve(g_obj, f"gradient of {name}")
+    if x.backend != g.backend:
+        raise TypeError(
+            f"{name} is a {type_name(x_obj)} ({x.backend} backend) but its gradient is a "
+            f"{type_name(g_obj)} ({g.backend} backend); both must be on the same backend"
+        )
+    check_dtype(x.array, name)
+    check_dtype(g.array, f"gradient of {name}")
+    if tuple(x.array.shape) != tuple(g.array.shape):
+        raise ValueError(
+            f"{name} has shape {tuple(x.array.shape)} but its gradient has shape "
+            f"{tuple(g.array.shape)}; expected equal shapes"
+        )
+    if x.backend == "cupy" and x.array.device.id != g.array.device.id:
+        raise ValueError(f"{name} is on GPU {x.array.device.id} but its gradient on GPU {g.array.device.id}")
+    return x, g
+
+
+def check_writable(x: Resolved, name: str) -> None:
+    if x.backend == "numpy" and not x.array.flags.writeable:
+        raise ValueError(f"{name} is a read-only array; update needs to write it in place")

@@ -1,0 +1,161 @@
+"""Tracing a rule or chain into a Program: the one graph that every backend executes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .expr import Expr, Graph, Node, tracing
+from .rule import Rule
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    rule: int  # index among the chain's leaves
+    name: str
+    position: int  # row in that rule's state array
+
+
+@dataclass(frozen=True)
+class ScalarRef:
+    rule: int
+    name: str
+
+
+@dataclass(frozen=True, eq=False)  # identity: programs are cached, one per structure
+class Program:
+    """A traced chain: its graph, what it reads and what it writes."""
+
+    graph: Graph
+    description: str  # e.g. "ClipValue > WeightDecay > ADAM", for comments in kernels
+    slots: tuple[SlotRef, ...]  # every state slot of every rule, in kernel order
+    scalars: tuple[ScalarRef, ...]  # the host scalars the step reads, in kernel order
+    stores: tuple[tuple[int, Node], ...]  # (slot index, new value) for slots the step assigns
+    result: Node  # the final d
+    totals: tuple[Node, ...]  # total_value nodes, by their slot number
+
+    @property
+    def levels(self) -> int:
+        """Number of reduction passes needed before the element-wise pass."""
+        return max((t.value[1] for t in self.totals), default=0)
+
+    def totals_at(self, level: int) -> tuple[Node, ...]:
+        return tuple(t for t in self.totals if t.value[1] == level)
+
+    def needed(self, roots: list[Node]) -> list[Node]:
+        """The nodes that ``roots`` depend on, in topological order (totals are inputs)."""
+        seen: set[int] = set()
+        stack = list(roots)
+        while stack:
+            node = stack.pop()
+            if node.index in seen:
+                continue
+            seen.add(node.index)
+            if node.op != "total_value":
+                stack.extend(node.args)
+        return [n for n in self.graph.nodes if n.index in seen]
+
+
+class _StateView:
+    """What ``s`` is inside a step: reads give the current value, assignments record one."""
+
+    def __init__(self, rule: Rule, rule_index: int, first_slot: int, graph: Graph, values: dict):
+        object.__setattr__(self, "_names", {n: first_slot + i for i, n in enumerate(rule.state)})
+        object.__setattr__(self, "_rule", type(rule).__name__)
+        object.__setattr__(self, "_graph", graph)
+        object.__setattr__(self, "_values", values)
+
+    def _slot(self, name: str) -> int:
+        try:
+            return self._names[name]
+        except KeyError:
+            raise AttributeError(f"{self._rule} has no state slot {name!r}; declare it in `state`") from None
+
+    def __getattr__(self, name: str) -> Expr:
+        return Expr(self._values[self._slot(name)])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        slot = self._slot(name)
+        if isinstance(value, Expr):
+            node = value.node
+        else:
+            node = Expr(self._graph.make("const", value=float(value))).node
+        if node.is_bool:
+            raise TypeError(f"state slot {name!r} of {self._rule} cannot hold a comparison")
+        self._values[slot] = node
+
+
+class _ScalarView:
+    """What ``h`` is inside a step: each name becomes a host scalar of the kernel."""
+
+    def __init__(self, rule: Rule, rule_index: int, graph: Graph, used: dict):
+        self._rule, self._index, self._graph, self._used = rule, rule_index, graph, used
+        self._names = set(rule.scalars(1))
+
+    def __getattr__(self, name: str) -> Expr:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._names:
+            raise AttributeError(
+                f"{type(self._rule).__name__} has no host scalar {name!r}: use a numeric "
+                "hyperparameter or a key returned by host()"
+            )
+        ref = ScalarRef(self._index, name)
+        if ref not in self._used:
+            self._used[ref] = len(self._used)
+        return Expr(self._graph.make("scalar", value=self._used[ref]))
+
+
+def structure_key(rule: Rule) -> tuple:
+    """What a traced program depends on: the rule classes and their structural options."""
+    return tuple((type(leaf), leaf.structure()) for leaf in rule.leaves())
+
+
+def _trace(leaves: tuple[Rule, ...]) -> Program:
+    graph = Graph()
+    slots: list[SlotRef] = []
+    used: dict[ScalarRef, int] = {}
+    with tracing(graph):
+        x = Expr(graph.make("x"))
+        d = Expr(graph.make("g"))
+        initial: dict[int, Node] = {}
+        for ri, rule in enumerate(leaves):
+            first = len(slots)
+            for pos, name in enumerate(rule.state):
+                slots.append(SlotRef(ri, name, pos))
+                initial[first + pos] = graph.make("load", value=first + pos)
+        values = dict(initial)
+        for ri, rule in enumerate(leaves):
+            first = next((i for i, s in enumerate(slots) if s.rule == ri), len(slots))
+            out = rule.step(
+                d, x, _StateView(rule, ri, first, graph, values), _ScalarView(rule, ri, graph, used)
+            )
+            if not isinstance(out, Expr):
+                if isinstance(out, bool) or not isinstance(out, (int, float)):
+                    raise TypeError(
+                        f"{type(rule).__name__}.step must return an expression or a number"
+                    )
+                out = Expr(graph.make("const", value=float(out)))
+            if out.node.is_bool:
+                raise TypeError(f"{type(rule).__name__}.step returned a comparison")
+            d = out
+    stores = tuple((i, node) for i, node in values.items() if node is not initial[i])
+    totals = tuple(sorted((n for n in graph.nodes if n.op == "total_value"), key=lambda n: n.value[0]))
+    names = " > ".join(type(r).__name__ for r in leaves) or "identity"
+    return Program(graph, names, tuple(slots), tuple(sorted(used, key=used.get)), stores, d.node, totals)
+
+
+_programs: dict[tuple, Program] = {}
+
+
+def plan(rule: Rule) -> Program:
+    """The traced program of ``rule``, cached on its structure, never on hyperparameter values."""
+    leaves = rule.leaves()
+    key = structure_key(rule)
+    try:
+        program = _programs.get(key)
+    except TypeError:  # an unhashable structure(): trace every time rather than fail
+        return _trace(leaves)
+    if program is None:
+        program = _programs[key] = _trace(leaves)
+    return program

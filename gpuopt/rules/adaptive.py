@@ -1,0 +1,212 @@
+"""Optimisers with per-element adaptive step sizes."""
+
+from __future__ import annotations
+
+import math
+
+from ..chain import Optimiser
+from ..expr import maximum, sqrt, where
+from ..rule import Hyper, Rule, beta_pair, non_negative, unit_interval
+from .transforms import WeightDecay
+
+EPS = 1e-8
+
+
+def _eps() -> Hyper:
+    return Hyper(EPS, non_negative, keyword_only=True)
+
+
+def _bias_corrections(beta: tuple[float, float], t: int) -> dict[str, float]:
+    b1, b2 = beta
+    return {"b1": b1, "b2": b2, "c1": 1.0 - b1**t, "c2": 1.0 - b2**t}
+
+
+class RMSProp(Rule):
+    """RMSProp with learning rate ``eta`` and decay ``rho``.
+
+    ``acc = rho*acc + (1-rho)*d^2; d = d*eta/(sqrt(acc)+eps)``. Same values as
+    ``torch.optim.RMSprop(lr=eta, alpha=rho, eps=1e-8)``.
+    """
+
+    eta = Hyper(0.001, non_negative)
+    rho = Hyper(0.9, unit_interval)
+    eps = _eps()
+    state = {"acc": 0.0}
+
+    def step(self, d, x, s, h):
+        s.acc = h.rho * s.acc + (1 - h.rho) * d**2
+        return d * h.eta / (sqrt(s.acc) + h.eps)
+
+
+class ADAM(Rule):
+    """ADAM with learning rate ``eta`` and moment decays ``beta = (b1, b2)``.
+
+    Same values as ``torch.optim.Adam(lr=eta, betas=beta, eps=1e-8)``.
+    """
+
+    eta = Hyper(0.001, non_negative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    eps = _eps()
+    state = {"m": 0.0, "v": 0.0}
+
+    def host(self, t):
+        return _bias_corrections(self.beta, t)
+
+    def step(self, d, x, s, h):
+        s.m = h.b1 * s.m + (1 - h.b1) * d
+        s.v = h.b2 * s.v + (1 - h.b2) * d**2
+        return s.m / h.c1 / (sqrt(s.v / h.c2) + h.eps) * h.eta
+
+
+class RADAM(Rule):
+    """Rectified ADAM: ADAM whose adaptive term is switched on, and scaled by the
+    rectification ``r``, once the variance estimate is tractable (``rho > 4``)."""
+
+    eta = Hyper(0.001, non_negative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    eps = _eps()
+    state = {"m": 0.0, "v": 0.0}
+
+    def host(self, t):
+        scalars = _bias_corrections(self.beta, t)
+        b2 = self.beta[1]
+        rho_inf = 2.0 / (1.0 - b2) - 1.0
+        rho = rho_inf - 2.0 * t * b2**t / (1.0 - b2**t)
+        rectified = rho > 4.0
+        scalars["rectified"] = 1.0 if rectified else 0.0
+        scalars["r"] = (
+            math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+            if rectified
+            else 0.0
+        )
+        return scalars
+
+    def step(self, d, x, s, h):
+        s.m = h.b1 * s.m + (1 - h.b1) * d
+        s.v = h.b2 * s.v + (1 - h.b2) * d**2
+        adaptive = s.m / h.c1 / (sqrt(s.v / h.c2) + h.eps) * h.eta * h.r
+        return where(h.rectified > 0.5, adaptive, s.m / h.c1 * h.eta)
+
+
+class AdaMax(Rule):
+    """AdaMax, the infinity-norm variant of ADAM.
+
+    ``m = b1*m+(1-b1)*d; u = max(b2*u, |d|); d = (eta/(1-b1^t)) * m/(u+eps)``.
+    """
+
+    eta = Hyper(0.001, non_negative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    eps = _eps()
+    state = {"m": 0.0, "u": 0.0}
+
+    def host(self, t):
+        return _bias_corrections(self.beta, t)
+
+    def step(self, d, x, s, h):
+        s.m = h.b1 * s.m + (1 - h.b1) * d
+        s.u = maximum(h.b2 * s.u, abs(d))
+        return (h.eta / h.c1) * s.m / (s.u + h.eps)
+
+
+class ADAGrad(Rule):
+    """ADAGrad: per-element learning rates from the sum of squared gradients.
+
+    ``acc`` starts at ``eps``. Same values as
+    ``torch.optim.Adagrad(lr=eta, initial_accumulator_value=1e-8, eps=1e-8)``.
+    """
+
+    eta = Hyper(0.1, non_negative)
+    eps = _eps()
+    state = {"acc": "eps"}
+
+    def step(self, d, x, s, h):
+        s.acc = s.acc + d**2
+        return d * h.eta / (sqrt(s.acc) + h.eps)
+
+
+class ADADelta(Rule):
+    """ADADelta with decay ``rho``: no learning rate, a window of past updates instead.
+
+    Uses ``sqrt(dacc + eps)`` in the numerator (the paper's form). Same values as
+    ``torch.optim.Adadelta(lr=1.0, rho=rho, eps=1e-8)``.
+    """
+
+    rho = Hyper(0.9, unit_interval)
+    eps = _eps()
+    state = {"acc": 0.0, "dacc": 0.0}
+
+    def step(self, d, x, s, h):
+        s.acc = h.rho * s.acc + (1 - h.rho) * d**2
+        d = d * sqrt(s.dacc + h.eps) / sqrt(s.acc + h.eps)
+        s.dacc = h.rho * s.dacc + (1 - h.rho) * d**2
+        return d
+
+
+class AMSGrad(Rule):
+    """AMSGrad: ADAM with the running maximum of the second moment, no bias correction.
+
+    ``m``, ``v`` and ``vhat`` all start at ``eps``.
+    """
+
+    eta = Hyper(0.001, non_negative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    eps = _eps()
+    state = {"m": "eps", "v": "eps", "vhat": "eps"}
+
+    def host(self, t):
+        return _bias_corrections(self.beta, t)
+
+    def step(self, d, x, s, h):
+        s.m = h.b1 * s.m + (1 - h.b1) * d
+        s.v = h.b2 * s.v + (1 - h.b2) * d**2
+        s.vhat = maximum(s.vhat, s.v)
+        return h.eta * s.m / (sqrt(s.vhat) + h.eps)
+
+
+class NADAM(Rule):
+    """NADAM: ADAM with Nesterov momentum."""
+
+    eta = Hyper(0.001, non_negative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    eps = _eps()
+    state = {"m": 0.0, "v": 0.0}
+
+    def host(self, t):
+        scalars = _bias_corrections(self.beta, t)
+        scalars["n1"] = 1.0 - self.beta[0] * self.beta[0] ** t
+        return scalars
+
+    def step(self, d, x, s, h):
+        s.m = h.b1 * s.m + (1 - h.b1) * d
+        s.v = h.b2 * s.v + (1 - h.b2) * d**2
+        return (h.b1 * s.m / h.n1 + (1 - h.b1) * d / h.c1) / (sqrt(s.v * h.b2 / h.c2) + h.eps) * h.eta
+
+
+class ADAMW(Optimiser):
+    """ADAM with decoupled weight decay: exactly ``Optimiser(ADAM(eta, beta), WeightDecay(decay))``.
+
+    So ``x -= eta*adam_step + decay*x``: the decay is not scaled by ``eta``. That equals
+    ``torch.optim.AdamW(lr=eta, weight_decay=decay/eta)``. Its hyperparameters are attributes
+    (``opt.eta``, ``opt.beta``, ``opt.decay``, ``opt.eps``) that read and write its members.
+    """
+
+    def __init__(
+        self,
+        eta: float = 0.001,
+        beta: tuple[float, float] = (0.9, 0.999),
+        decay: float = 0.0,
+        *,
+        eps: float = EPS,
+    ):
+        super().__init__(ADAM(eta, beta, eps=eps), WeightDecay(decay))
+
+    eta = property(lambda self: self.rules[0].eta, lambda self, v: setattr(self.rules[0], "eta", v))
+    beta = property(lambda self: self.rules[0].beta, lambda self, v: setattr(self.rules[0], "beta", v))
+    eps = property(lambda self: self.rules[0].eps, lambda self, v: setattr(self.rules[0], "eps", v))
+    decay = property(lambda self: self.rules[1].wd, lambda self, v: setattr(self.rules[1], "wd", v))
+
+    def hyperparameters(self):
+        return {"eta": self.eta, "beta": self.beta, "decay": self.decay, "eps": self.eps}
+
+    def __repr__(self) -> str:
+        return f"ADAMW(eta={self.eta!r}, beta={self.beta!r}, decay={self.decay!r}, eps={self.eps!r})"
