@@ -4,8 +4,10 @@ Every rule is defined once (:mod:`gpuopt.rule`); the NumPy executor and the CUDA
 are both generated from that one definition.
 """
 
-from .api import apply, update
+from .api import apply, count_launches, update
+from .backends.cuda_source import kernel_source
 from .chain import Optimiser
+from .checkpoint import CheckpointError, load_state, save_state
 from .expr import Expr, clamp, maximum, minimum, sqrt, total, where
 from .rule import Hyper, Rule, beta_pair, non_negative, positive, positive_integer, unit_interval
 from .rules import (
@@ -21,7 +23,8 @@ Adam, AdamW, NAdam, RAdam, Adadelta, Adagrad, RMSprop, SGD = (
 __version__ = "0.1.0"
 
 __all__ = [
-    "update", "apply", "Optimiser", "Rule", "Hyper", "Expr",
+    "update", "apply", "kernel_source", "count_launches", "Optimiser", "Rule", "Hyper", "Expr",
+    "save_state", "load_state", "CheckpointError",
     "sqrt", "maximum", "minimum", "clamp", "where", "total",
     "non_negative", "positive", "positive_integer", "unit_interval", "beta_pair",
     "Descent", "Momentum", "Nesterov", "RMSProp", "ADAM", "RADAM", "AdaMax", "ADAGrad",

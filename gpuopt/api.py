@@ -137,3 +137,16 @@ def apply(opt: Rule, x: Any, dx: Any) -> Any:
     backend.run(program, [job], apply=True)
     _advance(opt, [job])
     return job.out
+
+
+def count_launches() -> Any:
+    """Context manager counting gpuopt's CUDA kernel launches inside it::
+
+        with gpuopt.count_launches() as counter:
+            gpuopt.update(opt, x, dx)
+        counter.launches, counter.names   # e.g. 1, ['gpuopt_elementwise']
+
+    Only kernels gpuopt itself launches are counted (not CuPy's own, such as the fill that
+    initialises new state). Needs CuPy.
+    """
+    return get_backend("cupy").count_launches()

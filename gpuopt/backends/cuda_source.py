@@ -1,0 +1,220 @@
+"""The CUDA printer: a traced Program becomes the C++ of one module of kernels.
+
+The module is the generated preamble (types, sizes, and the element-wise functions
+``gpuopt_step`` and ``gpuopt_terms`` printed from the program's graph) followed by the raw
+kernel sources of ``kernels/``: the single-array update, and the multi-tensor update and
+segmented reduction (which also serve one array whose chain needs a reduction). Hyperparameters and host scalars are never printed:
+they are kernel arguments, so the text depends only on the chain's structure and dtypes.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..expr import Node
+from ..plan import Program
+from .numpy_backend import compute_dtype
+
+#: kernel template files, in the order they are appended to the preamble
+KERNEL_FILES = ("common.cuh", "elementwise.cu", "multi_tensor.cu")
+
+_C_TYPES = {np.dtype(np.float16): "__half", np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_FUNCTIONS = {  # (float, double) spellings, so nothing silently goes through double
+    "sqrt": ("sqrtf", "sqrt"),
+    "abs": ("fabsf", "fabs"),
+    "max": ("fmaxf", "fmax"),
+    "min": ("fminf", "fmin"),
+}
+
+
+def kernel_dir() -> Path:
+    """Where the raw kernel sources are: inside the installed wheel, else the source tree."""
+    packaged = resources.files("gpuopt") / "kernels"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "kernels"
+
+
+@functools.lru_cache(maxsize=None)
+def _template(name: str) -> str:
+    return (kernel_dir() / name).read_text()
+
+
+def _const(value: float) -> str:
+    text = repr(float(value))
+    return f"gpuopt_compute_t({text})"
+
+
+def _expression(node: Node, double: bool) -> str:
+    a = [f"v{arg.index}" for arg in node.args]
+    op = node.op
+    if op == "x":
+        return "x"
+    if op == "g":
+        return "g"
+    if op == "load":
+        return f"s[{node.value}]"
+    if op == "scalar":
+        return f"h[{node.value}]"
+    if op == "const":
+        return _const(node.value)
+    if op == "total_value":
+        return f"gpuopt_compute_t(totals[{node.value[0]}])"
+    if op == "neg":
+        return f"-{a[0]}"
+    if op in _BINARY:
+        return f"{a[0]} {_BINARY[op]} {a[1]}"
+    if op in _FUNCTIONS:
+        return f"{_FUNCTIONS[op][double]}({', '.join(a)})"
+    if op == "where":
+        return f"{a[0]} ? {a[1]} : {a[2]}"
+    raise ValueError(f"no CUDA spelling for operation {op!r}")
+
+
+def _statements(program: Program, roots: list[Node], double: bool) -> list[str]:
+    lines = []
+    for node in program.needed(roots):
+        ctype = "bool" if node.is_bool else "gpuopt_compute_t"
+        lines.append(f"    const {ctype} v{node.index} = {_expression(node, double)};")
+    return lines
+
+
+def _step_function(program: Program, double: bool) -> list[str]:
+    roots = [program.result] + [node for _, node in program.stores]
+    lines = [
+        "#define GPUOPT_HAS_STEP",
+        "// The fused element-wise step: returns d; assigns the new state in s.",
+        "__device__ __forceinline__ gpuopt_compute_t gpuopt_step(",
+        "    const gpuopt_compute_t x, const gpuopt_compute_t g, gpuopt_compute_t (&s)[GPUOPT_SLOTS_ALLOC],",
+        "    const gpuopt_compute_t* h, const double* totals) {",
+    ]
+    lines += _statements(program, roots, double)
+    lines += [f"    s[{slot}] = v{node.index};" for slot, node in program.stores]
+    lines += [f"    return v{program.result.index};", "}"]
+    return lines
+
+
+def _terms_functions(program: Program, double: bool) -> list[str]:
+    """gpuopt_terms(level, ...) adds each element's share of the sums of reduction pass
+    `level`; gpuopt_store_terms(level, ...) files the finished sums into totals."""
+    width = max(len(program.totals_at(level)) for level in range(1, program.levels + 1))
+    terms = [
+        "#define GPUOPT_HAS_TERMS",
+        f"#define GPUOPT_TERMS {width}",
+        "__device__ __forceinline__ void gpuopt_terms(",
+        "    const int level, const gpuopt_compute_t x, const gpuopt_compute_t g,",
+        "    const gpuopt_compute_t (&s)[GPUOPT_SLOTS_ALLOC], const gpuopt_compute_t* h, const double* totals,",
+        "    double (&acc)[GPUOPT_TERMS]) {",
+        "    switch (level) {",
+    ]
+    store = [
+        "__device__ __forceinline__ void gpuopt_store_terms(",
+        "    const int level, double* totals, const double (&acc)[GPUOPT_TERMS]) {",
+        "    switch (level) {",
+    ]
+    for level in range(1, program.levels + 1):
+        nodes = program.totals_at(level)
+        terms.append(f"    case {level}: {{")
+        terms += ["    " + line for line in _statements(program, [t.args[0] for t in nodes], double)]
+        terms += [f"        acc[{j}] += double(v{t.args[0].index});" for j, t in enumerate(nodes)]
+        terms += ["        break;", "    }"]
+        store.append(f"    case {level}:")
+        store += [f"        totals[{t.value[0]}] = acc[{j}];" for j, t in enumerate(nodes)]
+        store.append("        break;")
+    terms += ["    }", "}"]
+    store += ["    }", "}"]
+    return terms + store
+
+
+def _conversions(param: np.dtype, grad: np.dtype) -> list[str]:
+    def load(dtype: np.dtype, name: str) -> str:
+        value = "__half2float(v)" if dtype == np.float16 else "v"
+        return (f"__device__ __forceinline__ gpuopt_compute_t gpuopt_from_{name}(const gpuopt_{name}_t v) "
+                f"{{ return gpuopt_compute_t({value}); }}")
+
+    to_param = "__float2half_rn(v)" if param == np.float16 else "gpuopt_param_t(v)"
+    return [
+        load(param, "param"),
+        load(grad, "grad"),
+        f"__device__ __forceinline__ gpuopt_param_t gpuopt_to_param(const gpuopt_compute_t v) {{ return {to_param}; }}",
+    ]
+
+
+def _preamble(program: Program, param: np.dtype, grad: np.dtype, apply: bool) -> str:
+    ct = compute_dtype(param)
+    double = ct == np.float64
+    nslots, nscalars = len(program.slots), len(program.scalars)
+    lines = [
+        f"// gpuopt fused kernels for: {program.description}",
+        f"// x stored as {param}, g as {grad}; state and arithmetic in {ct}"
+        + ("; this module applies (out = d)" if apply else "; this module updates (x -= d)"),
+    ]
+    lines += [f"//   s[{i}] = {program.description.split(' > ')[ref.rule]}.{ref.name}"
+              for i, ref in enumerate(program.slots)]
+    lines += [f"//   h[{i}] = {program.description.split(' > ')[ref.rule]}.{ref.name}"
+              for i, ref in enumerate(program.scalars)]
+    if np.dtype(np.float16) in (param, grad):
+        lines.append("#include <cuda_fp16.h>")
+    lines += [
+        f"typedef {_C_TYPES[param]} gpuopt_param_t;",
+        f"typedef {_C_TYPES[grad]} gpuopt_grad_t;",
+        f"typedef {_C_TYPES[ct]} gpuopt_state_t;",
+        f"typedef {_C_TYPES[ct]} gpuopt_compute_t;",
+        f"#define GPUOPT_APPLY {int(apply)}",
+        f"#define GPUOPT_SLOTS {nslots}",
+        f"#define GPUOPT_SLOTS_ALLOC {max(nslots, 1)}",
+        f"#define GPUOPT_SCALARS {nscalars}",
+        f"#define GPUOPT_SCALARS_ALLOC {max(nscalars, 1)}",
+        f"#define GPUOPT_TOTALS_ALLOC {max(len(program.totals), 1)}",
+        "#define GPUOPT_SLOT_PARAMS " + "".join(f", gpuopt_state_t* s{i}" for i in range(nslots)),
+        "#define GPUOPT_SLOT_LIST {" + (", ".join(f"s{i}" for i in range(nslots)) or "nullptr") + "}",
+        "#define GPUOPT_SCALAR_PARAMS " + "".join(f", const gpuopt_compute_t h{i}" for i in range(nscalars)),
+        "#define GPUOPT_SCALAR_LIST {" + (", ".join(f"h{i}" for i in range(nscalars)) or "gpuopt_compute_t(0)")
+        + "}",
+    ]
+    lines += _conversions(param, grad)
+    lines += _step_function(program, double)
+    if program.levels:
+        lines += _terms_functions(program, double)
+    return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=512)
+def module_source(program: Program, param: np.dtype, grad: np.dtype, apply: bool) -> str:
+    """The complete CUDA source of one program's kernels, exactly as NVRTC compiles it."""
+    parts = [_preamble(program, np.dtype(param), np.dtype(grad), apply)]
+    parts += [f"// ---- kernels/{name} ----\n{_template(name)}" for name in KERNEL_FILES]
+    return "\n".join(parts)
+
+
+#: NVRTC options used for every module (and by the tests that compile for sm_80 / sm_90)
+NVRTC_OPTIONS = ("-std=c++17",)
+
+
+def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, apply: bool = False) -> str:
+    """The complete CUDA source of the kernels ``update(opt, x, dx)`` runs for arrays of
+    ``dtype`` (gradients of ``grad_dtype``, default the same), exactly as NVRTC compiles it.
+
+    One module holds them all: ``gpuopt_elementwise`` (one array, one launch),
+    ``gpuopt_multi_tensor`` (many arrays in one launch) and, for chains with a reduction such
+    as ClipNorm, ``gpuopt_multi_reduce``. Compile it with NVRTC and the options in
+    ``gpuopt.backends.cuda_source.NVRTC_OPTIONS`` to read, profile or reuse it.
+    """
+    from ..dispatch import SUPPORTED_DTYPES
+    from ..plan import plan
+    from ..rule import Rule
+
+    if not isinstance(opt, Rule):
+        raise TypeError(f"opt must be a gpuopt rule or Optimiser, got {type(opt).__name__}")
+    param = np.dtype(dtype)
+    grad = np.dtype(grad_dtype) if grad_dtype is not None else param
+    for d in (param, grad):
+        if d not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype {d} is not supported; expected float16, float32 or float64")
+    return module_source(plan(opt), param, grad, apply)
