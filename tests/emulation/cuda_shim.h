@@ -1,7 +1,7 @@
 // Just enough of CUDA to compile gpuopt's kernel text, unchanged, with g++ for the CPU.
 // Blocks run one after another; a block's threads are real threads, so __syncthreads(),
 // __shared__ memory and the atomics behave as on a GPU (one block at a time).
-#pragma once
+#pragma once  // (also precompiled: see device.py)
 #include <atomic>
 #include <barrier>
 #include <cmath>

@@ -33,6 +33,29 @@ def compiler() -> str | None:
     return shutil.which("g++")
 
 
+_FLAGS = [
+    "g++", "-std=c++20", "-O1", "-fPIC", "-pthread",
+    "-ffp-contract=off",  # as NumPy: no fused multiply-add
+    "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type",
+]
+
+
+def _shim_header() -> Path:
+    """cuda_shim.h with a precompiled copy beside it: the standard headers it pulls in
+    (<thread>, <barrier>) cost more to parse than a whole kernel module."""
+    text = (HERE / "cuda_shim.h").read_text()
+    digest = hashlib.sha256((text + " ".join(_FLAGS)).encode()).hexdigest()[:16]
+    header = _BUILD_DIR / f"shim-{digest}" / "cuda_shim.h"
+    if not (header.parent / "cuda_shim.h.gch").exists():
+        header.parent.mkdir(parents=True, exist_ok=True)
+        header.write_text(text)
+        tmp = header.parent / f"cuda_shim.h.gch.{os.getpid()}"
+        subprocess.run([*_FLAGS, "-x", "c++-header", str(header), "-o", str(tmp)], check=True,
+                       capture_output=True)
+        os.replace(tmp, header.parent / "cuda_shim.h.gch")
+    return header
+
+
 def build(source: str) -> Path:
     """Compile a module's source for the CPU (cached on the text); returns the library."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:24]
@@ -45,10 +68,7 @@ def build(source: str) -> Path:
     entries = "\n".join(_entry_points(source))
     (work / "entry.cpp").write_text(f'#include "module.cu"\n{entries}\n')
     command = [
-        compiler() or "g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
-        "-ffp-contract=off",  # as NumPy: no fused multiply-add
-        "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type",
-        "-include", str(HERE / "cuda_shim.h"), "-I", str(HERE / "include"),
+        *_FLAGS, "-shared", "-include", str(_shim_header()), "-I", str(HERE / "include"),
         str(work / "entry.cpp"), "-o", str(work / "module.so"),
     ]
     result = subprocess.run(command, capture_output=True, text=True)

@@ -1,0 +1,337 @@
+"""The generated CUDA, checked on any machine: NVRTC compiles every module for sm_80 and sm_90,
+and the same text, compiled for the CPU, matches the NumPy backend step for step.
+
+These run in CI (no GPU). They skip only where the toolchain is missing, and CI sets
+GPUOPT_REQUIRE_KERNEL_TOOLS=1 so that a missing toolchain fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import gpuopt
+from gpuopt.backends import numpy_backend
+from gpuopt.backends.cuda_source import NVRTC_OPTIONS, module_source
+from gpuopt.backends.kernel_backend import CHUNK, KernelBackend
+from gpuopt.plan import plan
+
+from .cases import ALL, CHAINS, OPTIMISERS, RULES, SignMomentum
+from .emulation import device as emulation
+
+REQUIRED = os.environ.get("GPUOPT_REQUIRE_KERNEL_TOOLS") == "1"
+DTYPES = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)]
+
+
+def _missing(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"{reason} (GPUOPT_REQUIRE_KERNEL_TOOLS=1)")
+    pytest.skip(reason)
+
+
+# -- NVRTC ------------------------------------------------------------------------------------
+
+
+def _nvrtc():
+    try:
+        from cuda import pathfinder
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+        include = pathfinder.find_nvidia_header_directory("cudart")
+    except Exception as error:  # CuPy, the NVRTC library or the CUDA headers missing
+        _missing(f"NVRTC is not usable here: {error}")
+    return nvrtc, include
+
+
+def nvrtc_compile(source: str, arch: int) -> bytes:
+    """Compile with NVRTC exactly as given; returns the cubin or raises with the log."""
+    nvrtc, include = _nvrtc()
+    program = nvrtc.createProgram(source, "gpuopt.cu", [], [])
+    options = [f"-arch=sm_{arch}", *NVRTC_OPTIONS]
+    if include:
+        options.append(f"-I{include}")
+    try:
+        nvrtc.compileProgram(program, options)
+    except Exception as error:
+        raise AssertionError(f"NVRTC sm_{arch}: {error}\n{nvrtc.getProgramLog(program)}") from None
+    return nvrtc.getCUBIN(program)
+
+
+def _compile_cases() -> dict[str, gpuopt.Rule]:
+    cases = {f"{name} alone": factory for name, factory in RULES.items()}
+    for name in OPTIMISERS + ["SignMomentum"]:
+        cases[f"{name} after WeightDecay, ClipValue"] = (
+            lambda f=RULES[name]: gpuopt.Optimiser(gpuopt.WeightDecay(1e-3), gpuopt.ClipValue(1.0), f())
+        )
+    # Two reduction passes, and nesting (the other chains add nothing NVRTC has not seen).
+    cases.update({f"chain {name}": CHAINS[name] for name in ("ClipNorm+ClipNorm+Descent", "nested")})
+    return cases
+
+
+COMPILE_CASES = _compile_cases()
+
+
+@pytest.fixture(scope="module")
+def nvrtc_results():
+    """Every (case, dtype, arch) compiled once, two at a time (NVRTC runs outside the GIL)."""
+    _nvrtc()
+    jobs = []
+    for name, factory in COMPILE_CASES.items():
+        for dtype in DTYPES:
+            source = module_source(plan(factory()), dtype, dtype, False)
+            jobs += [((name, dtype.name, arch), source, arch) for arch in (80, 90)]
+
+    def run(job):
+        key, source, arch = job
+        try:
+            return key, len(nvrtc_compile(source, arch)), None
+        except AssertionError as error:
+            return key, 0, str(error)
+
+    with ThreadPoolExecutor(2) as pool:
+        return {key: (size, error) for key, size, error in pool.map(run, jobs)}
+
+
+@pytest.mark.parametrize("dtype", [d.name for d in DTYPES])
+@pytest.mark.parametrize("case", list(COMPILE_CASES))
+def test_nvrtc_compiles_every_module(nvrtc_results, case, dtype):
+    for arch in (80, 90):
+        size, error = nvrtc_results[(case, dtype, arch)]
+        assert error is None, error
+        assert size > 1000  # a real cubin, not an empty module
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_nvrtc_compiles_apply_modules_and_mixed_dtypes(dtype):
+    opt = CHAINS["ClipNorm+ADAM"]()
+    nvrtc_compile(gpuopt.kernel_source(opt, dtype, apply=True), 90)
+    nvrtc_compile(gpuopt.kernel_source(opt, dtype, "float16" if dtype != "float16" else "float32"), 80)
+
+
+def test_module_holds_every_kernel_the_update_runs():
+    plain = gpuopt.kernel_source(gpuopt.ADAM(), "float32")
+    clipped = gpuopt.kernel_source(CHAINS["ClipNorm+ADAM"](), "float32")
+    for name in ("gpuopt_elementwise", "gpuopt_multi_tensor"):
+        assert f"void {name}(" in plain and f"void {name}(" in clipped
+    assert "#define GPUOPT_HAS_TERMS" in clipped and "#define GPUOPT_HAS_TERMS" not in plain
+    assert "#include <cuda_fp16.h>" in gpuopt.kernel_source(gpuopt.ADAM(), "float16")
+
+
+def test_source_depends_on_structure_and_dtype_only():
+    a, b = gpuopt.ADAM(1e-3, (0.9, 0.999)), gpuopt.ADAM(0.5, (0.1, 0.2), eps=1e-3)
+    assert gpuopt.kernel_source(a) == gpuopt.kernel_source(b)
+    a.eta = 7.0
+    assert gpuopt.kernel_source(a) == gpuopt.kernel_source(b)
+    assert "0.999" not in gpuopt.kernel_source(b) and "0.2" not in gpuopt.kernel_source(b)
+    assert gpuopt.kernel_source(a, "float32") != gpuopt.kernel_source(a, "float64")
+    assert gpuopt.kernel_source(a) != gpuopt.kernel_source(gpuopt.AMSGrad())
+
+
+def test_kernel_source_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="int32"):
+        gpuopt.kernel_source(gpuopt.ADAM(), "int32")
+    with pytest.raises(TypeError, match="rule"):
+        gpuopt.kernel_source("ADAM")
+
+
+# -- the same CUDA text on the CPU ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emulated_backend():
+    if emulation.compiler() is None:
+        _missing("g++ is not installed")
+    return KernelBackend(emulation.EmulatedDevice())
+
+
+@pytest.fixture
+def on_kernels(emulated_backend, monkeypatch):
+    """Run NumPy arrays through the kernel backend (generated CUDA compiled for the CPU)."""
+
+    def use(flag: bool):
+        monkeypatch.setattr(numpy_backend, "BACKEND", emulated_backend if flag else numpy_backend.NumpyBackend())
+
+    return use
+
+
+EMULATION_DTYPES = {"float32": 1e-6, "float64": 1e-12}
+SIZES = [1001, 7, 0, CHUNK + 4099, 3, 1]  # odd sizes, an empty one, one across two chunks
+
+
+@pytest.fixture(scope="module", autouse=False)
+def prebuilt(emulated_backend):
+    """Compile every module these tests need, two g++ at a time."""
+    sources = [
+        module_source(plan(factory()), np.dtype(dt), np.dtype(dt), False)
+        for factory in ALL.values() for dt in EMULATION_DTYPES
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(emulation.build, sources))
+
+
+def _trajectory(factory, dtype, use_kernels, on_kernels, steps=20, collection=True, seed=0):
+    on_kernels(use_kernels)
+    opt = factory()
+    rng = np.random.default_rng(seed)
+    base = [rng.standard_normal(n + 1).astype(dtype) for n in SIZES]
+    params = [b[1:] for b in base]  # views one element in: misaligned for vector access
+    if not collection:
+        params = params[:1]
+    history = []
+    for _ in range(steps):
+        grads = [(2 * rng.standard_normal(p.shape)).astype(dtype) for p in params]
+        gpuopt.update(opt, params if collection else params[0], grads if collection else grads[0])
+        history.append([p.copy() for p in params])
+    states = [leaf.state_for(p).slots for leaf in opt.leaves() for p in params if leaf.state]
+    return history, states, opt
+
+
+@pytest.mark.usefixtures("prebuilt")
+@pytest.mark.parametrize("dtype", list(EMULATION_DTYPES))
+@pytest.mark.parametrize("case", list(ALL))
+def test_cuda_text_on_cpu_matches_numpy(case, dtype, on_kernels):
+    rtol = EMULATION_DTYPES[dtype]
+    for collection in (False, True):
+        kernels, kernel_state, _ = _trajectory(ALL[case], dtype, True, on_kernels, collection=collection)
+        numpy, numpy_state, _ = _trajectory(ALL[case], dtype, False, on_kernels, collection=collection)
+        for step, (a, b) in enumerate(zip(kernels, numpy)):
+            for i, (x, y) in enumerate(zip(a, b)):
+                np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * 1e-3,
+                                           err_msg=f"{case} step {step + 1} array {i}")
+        for x, y in zip(kernel_state, numpy_state):
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * 1e-3, err_msg=f"{case} state")
+
+
+@pytest.mark.parametrize("case", ["ADAM", "ClipNorm+ADAM", "AMSGrad", "SignMomentum"])
+def test_float16_storage_on_cpu_matches_numpy(case, on_kernels):
+    factory = ALL[case]
+    kernels, ks, _ = _trajectory(factory, np.float16, True, on_kernels, steps=8)
+    numpy, ns, _ = _trajectory(factory, np.float16, False, on_kernels, steps=8)
+    for a, b in zip(kernels[-1] + ks, numpy[-1] + ns):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=2e-3, atol=1e-4)
+    assert all(s.dtype == np.float32 for s in ks)  # float16 parameters keep float32 state
+
+
+def test_one_array_and_collection_give_identical_results(on_kernels):
+    on_kernels(True)
+    for factory in (RULES["ADAM"], CHAINS["ClipNorm+ADAM"], CHAINS["ClipValue+WeightDecay+ADAM"]):
+        rng = np.random.default_rng(3)
+        params = [rng.standard_normal(n).astype(np.float32) for n in (5000, 13, 70001)]
+        singles = [p.copy() for p in params]
+        together, alone = factory(), factory()
+        for _ in range(5):
+            grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+            gpuopt.update(together, params, grads)
+            for p, g in zip(singles, grads):
+                gpuopt.update(alone, p, g)
+        for a, b in zip(params, singles):
+            assert np.array_equal(a, b)
+
+
+def test_fused_chain_equals_rules_applied_one_by_one(on_kernels):
+    on_kernels(True)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(3000).astype(np.float64)
+    y = x.copy()
+    rules = [gpuopt.ClipValue(0.7), gpuopt.WeightDecay(1e-2), gpuopt.ClipNorm(10.0), gpuopt.ADAM(0.01)]
+    chain = gpuopt.Optimiser(*[type(r)(**r.hyperparameters()) for r in rules])
+    for _ in range(10):
+        g = rng.standard_normal(x.shape)
+        gpuopt.update(chain, x, g)
+        d = g
+        for rule in rules:
+            d = gpuopt.apply(rule, y, d)
+        y -= d
+    np.testing.assert_allclose(x, y, rtol=1e-12)
+
+
+def test_apply_through_kernels_leaves_inputs_alone(on_kernels):
+    on_kernels(True)
+    rng = np.random.default_rng(5)
+    x, g = rng.standard_normal(999), rng.standard_normal(999)
+    x0, g0 = x.copy(), g.copy()
+    step = gpuopt.apply(CHAINS["ClipNorm+ADAM"](), x, g)
+    on_kernels(False)
+    expected = gpuopt.apply(CHAINS["ClipNorm+ADAM"](), x, g)
+    assert np.array_equal(x, x0) and np.array_equal(g, g0)
+    np.testing.assert_allclose(step, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "factory, count, names",
+    [
+        (RULES["ADAM"], 1, ["gpuopt_elementwise"]),
+        (CHAINS["ClipValue+WeightDecay+ADAM"], 1, ["gpuopt_elementwise"]),
+        (CHAINS["ClipNorm+ADAM"], 2, ["gpuopt_multi_reduce", "gpuopt_multi_tensor"]),
+        (CHAINS["ClipNorm+ClipNorm+Descent"], 3, ["gpuopt_multi_reduce"] * 2 + ["gpuopt_multi_tensor"]),
+    ],
+)
+def test_launch_counts(factory, count, names, on_kernels, emulated_backend):
+    on_kernels(True)
+    opt = factory()
+    x, g = np.ones(4096, np.float32), np.full(4096, 0.5, np.float32)
+    gpuopt.update(opt, x, g)  # first step creates state
+    with emulated_backend.count_launches() as counter:
+        gpuopt.update(opt, x, g)
+    assert (counter.launches, counter.names) == (count, names)
+    # A whole model: the count does not grow with the number of tensors.
+    params = [np.ones(n, np.float32) for n in range(1, 151)]
+    grads = [np.full(p.shape, 0.5, np.float32) for p in params]
+    gpuopt.update(opt, params, grads)
+    with emulated_backend.count_launches() as counter:
+        gpuopt.update(opt, params, grads)
+    multi = ["gpuopt_multi_reduce"] * (count - 1) + ["gpuopt_multi_tensor"]
+    assert counter.names == multi
+
+
+def test_mixed_dtypes_in_one_call_launch_once_per_group(on_kernels, emulated_backend):
+    on_kernels(True)
+    opt = gpuopt.ADAM()
+    params = [np.ones(10, dt) for dt in (np.float32, np.float64, np.float32, np.float16)]
+    grads = [np.full(10, 0.1, p.dtype) for p in params]
+    gpuopt.update(opt, params, grads)
+    with emulated_backend.count_launches() as counter:
+        gpuopt.update(opt, params, grads)
+    assert sorted(counter.names) == ["gpuopt_elementwise", "gpuopt_elementwise", "gpuopt_multi_tensor"]
+    on_kernels(False)
+    reference = [np.ones(10, p.dtype) for p in params]
+    ref_opt = gpuopt.ADAM()
+    for _ in range(2):
+        gpuopt.update(ref_opt, reference, [np.full(10, 0.1, p.dtype) for p in reference])
+    for a, b in zip(params, reference):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_pointer_table_is_reused_while_arrays_stay(on_kernels, emulated_backend):
+    on_kernels(True)
+    opt = gpuopt.Momentum()
+    params = [np.ones(n, np.float32) for n in (3, 70000, 5)]
+    grads = [np.full(p.shape, 0.5, np.float32) for p in params]
+    gpuopt.update(opt, params, grads)
+    tables = next(t for t in emulated_backend._tables.values() if t.host_table is not None
+                  and t.host_table[0, 0] == params[0].ctypes.data)
+    device_table = tables.table
+    gpuopt.update(opt, params, grads)
+    assert tables.table is device_table  # same arrays: the table was not rebuilt
+    np.testing.assert_array_equal(tables.host_table[:, 3], [3, 70000, 5])
+    assert tables.chunks == 1 + 2 + 1  # 70000 elements span two chunks of CHUNK
+    gpuopt.update(opt, params, [np.full(p.shape, 0.5, np.float32) for p in params])
+    assert tables.table is not device_table  # new gradient arrays: new pointers
+
+
+def test_changing_hyperparameters_never_rebuilds_a_module(on_kernels, emulated_backend):
+    on_kernels(True)
+    opt = gpuopt.Optimiser(gpuopt.ClipNorm(1.0), SignMomentum())
+    x, g = np.ones(100), np.full(100, 0.3)
+    gpuopt.update(opt, x, g)
+    built = len(emulated_backend.device._libraries)
+    for eta in (0.5, 0.25, 0.125):
+        opt[1].eta = eta
+        opt[0].thresh = eta
+        gpuopt.update(opt, x, g)
+    assert len(emulated_backend.device._libraries) == built
