@@ -8,6 +8,7 @@ module and call its ``add_parser`` in :func:`build_parser` below.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__, demo
@@ -37,7 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (``... | head``): stop quietly, as the Python docs recommend,
+        # pointing stdout at devnull so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

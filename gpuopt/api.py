@@ -74,9 +74,16 @@ def _checked(opt: Rule, entries: Iterable[tuple[str, object, object]], writes_x:
     return checked
 
 
-def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved) -> Job:
+def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved,
+         scalar_cache: dict | None = None) -> Job:
+    """State (created on first use) and host scalars for one parameter's next step.
+
+    ``scalar_cache`` shares the host scalars of one call between parameters at the same step
+    count, so a 150-tensor model computes them once, not 150 times.
+    """
     backend = get_backend(x.backend)
     leaves = opt.leaves()
+    cache = {} if scalar_cache is None else scalar_cache
     states = []
     for leaf in leaves:
         state = leaf.state_for(key)
@@ -87,11 +94,14 @@ def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved) -> 
             state = ParamState(0, slots)
             leaf.set_state_for(key, state)
         states.append(state)
-    values = []
-    for leaf, state in zip(leaves, states):
-        leaf.advance(state.t + 1)
-        values.append(leaf.scalars(state.t + 1))
-    scalars = [values[ref.rule][ref.name] for ref in program.scalars]
+    step_counts = tuple(state.t + 1 for state in states)
+    scalars = cache.get(step_counts)
+    if scalars is None:
+        values = []
+        for leaf, t in zip(leaves, step_counts):
+            leaf.advance(t)
+            values.append(leaf.scalars(t))
+        scalars = cache[step_counts] = [values[ref.rule][ref.name] for ref in program.scalars]
     slots = [states[ref.rule].slots[ref.position] for ref in program.slots]
     return Job(key, x.array, g.array, slots, scalars)
 
@@ -113,7 +123,8 @@ def update(opt: Rule, params: Any, grads: Any) -> None:
     if not checked:
         return
     program = plan(opt)
-    jobs = [_job(opt, program, key, x, g) for key, x, g in checked]
+    scalar_cache: dict = {}
+    jobs = [_job(opt, program, key, x, g, scalar_cache) for key, x, g in checked]
     by_backend: dict[str, list[Job]] = {}
     for job, (_, x, _) in zip(jobs, checked):
         by_backend.setdefault(x.backend, []).append(job)

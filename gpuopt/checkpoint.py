@@ -68,7 +68,7 @@ def _encode_keys(keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def _decode_keys(data: np.ndarray, offsets: np.ndarray) -> list[str]:
     raw = data.tobytes()
-    return [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(offsets[:-1], offsets[1:])]
+    return [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 # -- hyperparameter and host-state values ----------------------------------------------------
@@ -97,9 +97,9 @@ def _decode_value(array: np.ndarray) -> Any:
 
 
 def _to_host(array: Any) -> np.ndarray:
-    """A host copy of a NumPy or CuPy array."""
+    """A NumPy or CuPy array as a NumPy one (np.savez writes it out before anything changes)."""
     if isinstance(array, np.ndarray):
-        return array.copy()
+        return array
     return array.get()  # CuPy: device -> host
 
 
@@ -165,7 +165,7 @@ def save_state(opt: Rule, params: Any, path: PathOrFile) -> None:
     if not isinstance(opt, Rule):
         raise TypeError(f"opt must be a gpuopt rule or Optimiser, got {type(opt).__name__}")
     structure, keys, objs = _flatten(params)
-    arrays = [resolve(obj, _describe(structure, key)).array for key, obj in zip(keys, objs)]
+    arrays = [resolve(obj, _describe(structure, key)).array for key, obj in zip(keys, objs, strict=True)]
     leaves = opt.leaves()
     members: dict[str, np.ndarray] = {
         "format": np.array(FORMAT),
@@ -193,6 +193,11 @@ def save_state(opt: Rule, params: Any, path: PathOrFile) -> None:
             state = leaf.state_for(obj)
             if state is None:
                 continue  # never stepped: nothing to restore
+            if state.slots is not None and state.slots.shape[1] != arrays[j].size:
+                raise ValueError(
+                    f"{_describe(structure, keys[j])} has {arrays[j].size} elements but {name} holds "
+                    f"state for {state.slots.shape[1]}; call opt.reset() after resizing parameters"
+                )
             members[f"rule{i}.param{j}.t"] = np.array(state.t, dtype=np.int64)
             if state.slots is not None:
                 members[f"rule{i}.param{j}.slots"] = _to_host(state.slots)
@@ -261,7 +266,7 @@ def _plan(opt: Rule, params: Any, members: dict[str, np.ndarray], restore_hyper:
         if n_saved != len(objs):
             raise CheckpointError(f"checkpoint holds {n_saved} parameters but params has {len(objs)}")
         order = list(keys)
-    lookup = dict(zip(keys, objs))
+    lookup = dict(zip(keys, objs, strict=True))
 
     # Each parameter: a supported array of the saved shape.
     resolved = []

@@ -19,8 +19,9 @@ import difflib
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -100,13 +101,17 @@ def _evaluate(node: ast.AST, source: str) -> Any:
     if isinstance(node, (ast.Tuple, ast.List)):
         values = tuple(_evaluate(e, source) for e in node.elts)
         if any(isinstance(v, Rule) for v in values):
-            raise ValueError(f"{text(node)!r}: rules cannot go in a tuple; chain them with + or Optimiser(...)")
+            raise ValueError(
+                f"{text(node)!r}: rules cannot go in a tuple; chain them with + or Optimiser(...)")
         return values
     if isinstance(node, ast.Name):
-        return _construct(node.id, [], {}, text(node))  # a bare name: the rule's defaults
+        return _construct(_lookup(node.id), [], {}, text(node))  # a bare name: the defaults
     if isinstance(node, ast.Call):
+        if isinstance(node.func, ast.Attribute):
+            raise ValueError(f"{text(node.func)!r}: attribute access is not allowed; {_ALLOWED}")
         if not isinstance(node.func, ast.Name):
             raise ValueError(f"{text(node.func)!r} cannot be called: {_ALLOWED}")
+        cls = _lookup(node.func.id)  # an unknown name fails before its arguments are read
         args = []
         for arg in node.args:
             if isinstance(arg, ast.Starred):
@@ -117,7 +122,7 @@ def _evaluate(node: ast.AST, source: str) -> Any:
             if kw.arg is None:
                 raise ValueError(f"{text(kw)!r}: **arguments are not allowed")
             kwargs[kw.arg] = _evaluate(kw.value, source)
-        return _construct(node.func.id, args, kwargs, text(node))
+        return _construct(cls, args, kwargs, text(node))
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         left, right = _evaluate(node.left, source), _evaluate(node.right, source)
         for side, value in ((node.left, left), (node.right, right)):
@@ -129,8 +134,7 @@ def _evaluate(node: ast.AST, source: str) -> Any:
     raise ValueError(f"{text(node)!r} is not allowed: {_ALLOWED}")
 
 
-def _construct(name: str, args: list[Any], kwargs: dict[str, Any], where: str) -> Rule:
-    cls = _lookup(name)
+def _construct(cls: type[Rule], args: list[Any], kwargs: dict[str, Any], where: str) -> Rule:
     try:
         return cls(*args, **kwargs)
     except (TypeError, ValueError) as exc:
@@ -238,6 +242,10 @@ def loss_and_grads(xp: Any, params: dict[str, Any], x: Any, y: Any, activation: 
 # -- training --------------------------------------------------------------------------------
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 class DemoError(Exception):
     """A demo setting that cannot run here (e.g. CuPy asked for without a GPU)."""
 
@@ -283,16 +291,20 @@ def train(
     activation: str = "tanh",
     samples: int = 2048,
     log_every: int | None = None,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = None,
 ) -> DemoResult:
-    """Train the MLP with ``opt`` for ``steps`` minibatch steps; report through ``log``."""
+    """Train the MLP with ``opt`` for ``steps`` minibatch steps.
+
+    Progress lines go to ``log`` (default: stdout, flushed per line so a CI log shows them as
+    they come); pass ``log=lambda line: None`` to train silently.
+    """
     if steps < 0 or batch_size < 1 or hidden < 1 or classes < 2 or samples < 2:
         raise DemoError("steps must be >= 0, batch size and hidden >= 1, classes and samples >= 2")
     if activation not in ("tanh", "relu"):
         raise DemoError(f"unknown activation {activation!r}; expected tanh or relu")
     backend = pick_backend(backend)
     xp = np if backend == "numpy" else cupy_module()
-    say = log or (lambda _line: None)
+    say = log or _say
 
     # Data and weights come from NumPy's generator, so both backends start from the same values.
     x_np, y_np = make_dataset(samples + samples // 4, kind=dataset, classes=classes, seed=seed)

@@ -161,7 +161,7 @@ class Rule:
         ordered = [h for h in hypers.values() if not h.keyword_only]
         ordered += [h for h in hypers.values() if h.keyword_only]
         cls._hypers = tuple(ordered)
-        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        params = []  # the class's signature, as inspect.signature(cls) shows it: no self
         for h in cls._hypers:
             kind = (
                 inspect.Parameter.KEYWORD_ONLY

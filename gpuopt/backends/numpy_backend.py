@@ -9,7 +9,7 @@ every element (host scalars and what is computed from them) are evaluated once p
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -65,43 +65,88 @@ def evaluate_uniform(nodes: Sequence[Node], values: dict[int, Any], ct: np.dtype
             values[node.index] = _UFUNCS[node.op](*(values[arg.index] for arg in node.args))
 
 
+# Instruction kinds of a pass, decided once when the pass is built.
+_ALIAS, _CONVERT, _UFUNC, _WHERE = range(4)
+
+
 class _Pass:
-    """One pass over the array: the ufunc schedule for the varying part of some roots."""
+    """One pass over the array: the ufunc schedule for the varying part of some roots.
+
+    Every varying node gets a scratch buffer, recycled after its last reader; a node whose
+    value is stored in a state slot is written straight into that slot instead, when nothing
+    reads the slot's old value after it (so ADAM's new m and v cost no extra copy).
+    """
 
     def __init__(self, program: Program, roots: list[Node], ct: np.dtype, param_dtype: np.dtype,
-                 grad_dtype: np.dtype):
+                 grad_dtype: np.dtype, stores: Sequence[tuple[int, Node]] = ()):
         self.nodes = program.needed(roots)
         varying = [n for n in self.nodes if not n.uniform]
+        position = {n.index: pos for pos, n in enumerate(varying)}
         last_use: dict[int, int] = {}
         for pos, node in enumerate(varying):
             for arg in node.args:
                 last_use[arg.index] = pos
-        keep = {r.index for r in roots}
-        # Leaves that need a converted copy (float16 storage) also take a buffer.
-        needs_buffer = {
-            n.index for n in varying
-            if n.op not in ("x", "g", "load")
-            or (n.op == "x" and param_dtype != ct)
-            or (n.op == "g" and grad_dtype != ct)
-        }
+        for root in roots:  # read once the schedule has run: stores, the result, x
+            last_use[root.index] = len(varying)
+        loads = {n.value: n for n in varying if n.op == "load"}
+        self.direct: dict[int, int] = {}  # node index -> the slot it is computed into
+        for slot, node in stores:
+            old = loads.get(slot)
+            if (node.uniform or node.op in ("x", "g", "load") or node.index in self.direct
+                    or (old is not None and last_use.get(old.index, -1) > position[node.index])):
+                continue
+            self.direct[node.index] = slot
+        stored = {slot for slot, _ in stores}
+        self.copies = [(slot, node.index, node.op == "load" and node.value in stored)
+                       for slot, node in stores if self.direct.get(node.index) != slot]
+
+        self.buffer_kinds: list[bool] = []  # per scratch buffer: does it hold booleans?
+        buffer_of: dict[int, int] = {}
         free: dict[bool, list[int]] = {False: [], True: []}
-        self.buffer_kinds: list[bool] = []  # per buffer: holds booleans?
-        self.buffer_of: dict[int, int] = {}
+        self.instructions: list[tuple] = []
         for pos, node in enumerate(varying):
-            if node.index in needs_buffer:
-                pool = free[node.is_bool]
-                if pool:
-                    buf = pool.pop()
+            op = node.op
+            converts = (op == "x" and param_dtype != ct) or (op == "g" and grad_dtype != ct)
+            if op in ("x", "g", "load") and not converts:
+                self.instructions.append((_ALIAS, op, node.value, None, None, node.index))
+            else:
+                if node.index in self.direct:
+                    target = ("slot", self.direct[node.index])
                 else:
-                    buf = len(self.buffer_kinds)
-                    self.buffer_kinds.append(node.is_bool)
-                self.buffer_of[node.index] = buf
+                    pool = free[node.is_bool]
+                    if pool:
+                        buf = pool.pop()
+                    else:
+                        buf = len(self.buffer_kinds)
+                        self.buffer_kinds.append(node.is_bool)
+                    buffer_of[node.index] = buf
+                    target = ("buffer", buf)
+                if converts:
+                    self.instructions.append((_CONVERT, op, None, None, target, node.index))
+                else:
+                    kind = _WHERE if op == "where" else _UFUNC
+                    args = tuple(a.index for a in node.args)
+                    self.instructions.append((kind, _UFUNCS.get(op), args, None, target, node.index))
             for arg in {a.index: a for a in node.args}.values():  # once each, as in d*d
                 # freed after the output is allocated, so a ufunc never writes over its input
-                if last_use.get(arg.index) == pos and arg.index in self.buffer_of and arg.index not in keep:
-                    free[arg.is_bool].append(self.buffer_of[arg.index])
-        self.varying = varying
-        self.ct = ct
+                if last_use.get(arg.index) == pos and arg.index in buffer_of:
+                    free[arg.is_bool].append(buffer_of[arg.index])
+
+    def run_block(self, vals: list, buffers: Sequence[np.ndarray], x: np.ndarray, g: np.ndarray,
+                  slots: Sequence[np.ndarray]) -> None:
+        """Evaluate the schedule on one block; ``buffers`` are already cut to its length."""
+        for kind, what, args, _, target, index in self.instructions:
+            if kind == _ALIAS:
+                vals[index] = x if what == "x" else g if what == "g" else slots[args]
+                continue
+            out = buffers[target[1]] if target[0] == "buffer" else slots[target[1]]
+            if kind == _UFUNC:
+                what(*[vals[a] for a in args], out=out)
+            elif kind == _WHERE:
+                _where(vals[args[0]], vals[args[1]], vals[args[2]], out)
+            else:
+                np.copyto(out, x if what == "x" else g)
+            vals[index] = out
 
 
 class NumpyExecutor:
@@ -121,83 +166,75 @@ class NumpyExecutor:
         final_roots = [program.result] + [node for _, node in program.stores]
         if not apply:  # x - d needs x, converted to compute precision if stored as float16
             final_roots.append(next(n for n in program.graph.nodes if n.op == "x"))
-        self.final_pass = _Pass(program, final_roots, self.ct, self.param_dtype, self.grad_dtype)
-        self._scratch: dict[int, list[np.ndarray]] = {}
+        self.final_pass = _Pass(program, final_roots, self.ct, self.param_dtype, self.grad_dtype,
+                                program.stores)
         self._x_index = final_roots[-1].index
         self._x_new = np.empty(BLOCK, self.ct) if self.param_dtype != self.ct else None
+        self._scratch = {id(p): [np.empty(BLOCK, dtype=bool if kind else self.ct) for kind in p.buffer_kinds]
+                         for p in [*self.stage_passes, self.final_pass]}
+        self._vals: list[Any] = [None] * len(program.graph.nodes)
+        self._no_vals: list[Any] = [None] * len(program.graph.nodes)
+        # float32 terms are summed in float64 through this buffer: a reduce with dtype=float64
+        # would allocate a casting buffer on every call
+        self._wide = np.empty(BLOCK, np.float64) if self.ct != np.float64 and program.totals else None
 
-    def _buffers(self, p: _Pass) -> list[np.ndarray]:
-        bufs = self._scratch.get(id(p))
-        if bufs is None:
-            bufs = [np.empty(BLOCK, dtype=bool if kind else self.ct) for kind in p.buffer_kinds]
-            self._scratch[id(p)] = bufs
-        return bufs
-
-    def _run_block(self, p: _Pass, bufs: list[np.ndarray], vals: dict[int, Any], m: int,
-                   x: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray]) -> None:
-        for node in p.varying:
-            op = node.op
-            out = bufs[p.buffer_of[node.index]][:m] if node.index in p.buffer_of else None
-            if op == "x" or op == "g":
-                src = x if op == "x" else g
-                if out is None:
-                    vals[node.index] = src
-                else:
-                    np.copyto(out, src)
-                    vals[node.index] = out
-                continue
-            if op == "load":
-                vals[node.index] = slots[node.value]
-                continue
-            args = [vals[a.index] for a in node.args]
-            if op == "where":
-                _where(args[0], args[1], args[2], out)
-            else:
-                _UFUNCS[op](*args, out=out)
-            vals[node.index] = out
+    def _blocks(self, p: _Pass, n: int) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+        full = self._scratch[id(p)]
+        for start in range(0, n, BLOCK):
+            stop = min(start + BLOCK, n)
+            yield start, stop, full if stop - start == BLOCK else [b[: stop - start] for b in full]
 
     def run(self, x: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray],
             scalars: Sequence[float], out: np.ndarray | None = None) -> None:
         """One step over flat contiguous arrays: ``x -= d`` (or ``out = d`` when applying)."""
+        try:
+            self._run(x, g, slots, scalars, out)
+        finally:
+            # Drop this call's views: a cached executor must not keep a parameter (whose
+            # state is held weakly) or its state alive after the caller lets it go.
+            self._vals[:] = self._no_vals
+
+    def _run(self, x: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray],
+             scalars: Sequence[float], out: np.ndarray | None) -> None:
         n = x.shape[0]
         program = self.program
+        vals = self._vals
         totals = [0.0] * len(program.totals)
         with np.errstate(all="ignore"):  # NaN/inf propagate as in PyTorch; the unselected
             # branch of a where() may divide by zero without it mattering
             for level, p in enumerate(self.stage_passes, start=1):
                 uniform: dict[int, Any] = {}
                 evaluate_uniform(p.nodes, uniform, self.ct, scalars, totals)
-                terms = program.totals_at(level)
+                for index, value in uniform.items():
+                    vals[index] = value
+                terms = [t.args[0] for t in program.totals_at(level)]
                 sums = [0.0] * len(terms)
-                bufs = self._buffers(p)
-                for start in range(0, n, BLOCK):
-                    stop = min(start + BLOCK, n)
-                    vals = dict(uniform)
-                    self._run_block(p, bufs, vals, stop - start, x[start:stop], g[start:stop],
-                                    [s[start:stop] for s in slots])
-                    for k, term in enumerate(terms):
-                        arg = term.args[0]
+                for start, stop, buffers in self._blocks(p, n):
+                    p.run_block(vals, buffers, x[start:stop], g[start:stop], [s[start:stop] for s in slots])
+                    for k, arg in enumerate(terms):
                         if not arg.uniform:
-                            sums[k] += float(np.add.reduce(vals[arg.index], dtype=np.float64))
-                for k, term in enumerate(terms):
+                            term = vals[arg.index]
+                            if self._wide is not None:
+                                wide = self._wide[: stop - start]
+                                np.copyto(wide, term)
+                                term = wide
+                            sums[k] += float(np.add.reduce(term))
+                for k, term in enumerate(program.totals_at(level)):
                     arg = term.args[0]
                     totals[term.value[0]] = float(uniform[arg.index]) * n if arg.uniform else sums[k]
             p = self.final_pass
             uniform = {}
             evaluate_uniform(p.nodes, uniform, self.ct, scalars, totals)
-            bufs = self._buffers(p)
+            for index, value in uniform.items():
+                vals[index] = value
             result = program.result.index
-            stores = program.stores
-            for start in range(0, n, BLOCK):
-                stop = min(start + BLOCK, n)
+            for start, stop, buffers in self._blocks(p, n):
                 xb, sb = x[start:stop], [s[start:stop] for s in slots]
-                vals = dict(uniform)
-                self._run_block(p, bufs, vals, stop - start, xb, g[start:stop], sb)
-                # Writes come last: every read of the old x and state has happened.
-                staged = [(i, vals[node.index]) for i, node in stores]
-                staged = [(i, v.copy() if node_is_slot_view(v, sb) else v) for i, v in staged]
-                for i, value in staged:
-                    np.copyto(sb[i], value)
+                p.run_block(vals, buffers, xb, g[start:stop], sb)
+                # The remaining writes come last: every read of the old x and state is done.
+                staged = [(slot, vals[index].copy() if swap else vals[index]) for slot, index, swap in p.copies]
+                for slot, value in staged:
+                    np.copyto(sb[slot], value)
                 if self.apply:
                     np.copyto(out[start:stop], vals[result], casting="same_kind")
                 elif self.param_dtype == self.ct:
@@ -206,12 +243,8 @@ class NumpyExecutor:
                     x_new = self._x_new[: stop - start]
                     np.subtract(vals[self._x_index], vals[result], out=x_new)
                     np.copyto(xb, x_new, casting="same_kind")
-
-
-def node_is_slot_view(value: Any, slots: Sequence[np.ndarray]) -> bool:
-    """Whether a value to store is itself a state slot (a slot assigned another slot's old
-    value); it is copied first so that the order of the writes cannot matter."""
-    return isinstance(value, np.ndarray) and any(value is s for s in slots)
+        for i in range(len(vals)):  # drop views of the caller's arrays: state is held weakly
+            vals[i] = None
 
 
 @functools.lru_cache(maxsize=512)

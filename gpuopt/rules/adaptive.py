@@ -198,12 +198,17 @@ class ADAMW(Optimiser):
         *,
         eps: float = EPS,
     ):
+        non_negative("decay", decay)  # named as the user wrote it, not as WeightDecay's wd
         super().__init__(ADAM(eta, beta, eps=eps), WeightDecay(decay))
+
+    def _set_decay(self, value: float) -> None:
+        non_negative("decay", value)
+        self.rules[1].wd = value
 
     eta = property(lambda self: self.rules[0].eta, lambda self, v: setattr(self.rules[0], "eta", v))
     beta = property(lambda self: self.rules[0].beta, lambda self, v: setattr(self.rules[0], "beta", v))
     eps = property(lambda self: self.rules[0].eps, lambda self, v: setattr(self.rules[0], "eps", v))
-    decay = property(lambda self: self.rules[1].wd, lambda self, v: setattr(self.rules[1], "wd", v))
+    decay = property(lambda self: self.rules[1].wd, _set_decay)
 
     def hyperparameters(self):
         return {"eta": self.eta, "beta": self.beta, "decay": self.decay, "eps": self.eps}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..expr import clamp, sqrt, total, where
+from ..expr import sqrt, total, where
 from ..rule import Hyper, Rule, non_negative, positive
 
 
@@ -16,12 +16,14 @@ class WeightDecay(Rule):
 
 
 class ClipValue(Rule):
-    """Clip the update element-wise to ``[-thresh, thresh]``."""
+    """Clip the update element-wise to ``[-thresh, thresh]``. A NaN stays NaN (as Julia's
+    and PyTorch's clamp), so non-finite gradients still propagate."""
 
     thresh = Hyper(check=positive)
 
     def step(self, d, x, s, h):
-        return clamp(d, -h.thresh, h.thresh)
+        # Not clamp(): its fmax/fmin would turn a NaN into -thresh.
+        return where(d > h.thresh, h.thresh, where(d < -h.thresh, -h.thresh, d))
 
 
 class ClipNorm(Rule):
