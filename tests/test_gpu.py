@@ -1,0 +1,167 @@
+"""CuPy on a real GPU: the same rules, chains and dtypes as NumPy, launch counts, zero-copy
+PyTorch tensors. Skipped where no GPU is usable (CI); run on a lent device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpuopt
+from gpuopt.dispatch import gpu_available
+
+from .cases import ALL, CHAINS, RULES
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a usable CUDA GPU"),
+]
+
+TOLERANCE = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-12}
+SIZES = [1001, 7, 0, 70001, 3, 1]
+
+
+def _run(factory, dtype, xp, collection, steps=20, seed=0):
+    opt = factory()
+    rng = np.random.default_rng(seed)
+    host = [rng.standard_normal(n + 1).astype(dtype) for n in SIZES]
+    params = [xp.asarray(h)[1:] for h in host]  # one element in: misaligned views
+    if not collection:
+        params = params[:1]
+    for _ in range(steps):
+        grads = [xp.asarray((2 * rng.standard_normal(p.shape)).astype(dtype)) for p in params]
+        gpuopt.update(opt, params if collection else params[0], grads if collection else grads[0])
+    return [np.asarray(p.get() if hasattr(p, "get") else p) for p in params]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("case", list(ALL))
+def test_cupy_matches_numpy(case, dtype):
+    import cupy
+
+    tol = TOLERANCE[dtype]
+    for collection in (False, True):
+        gpu = _run(ALL[case], dtype, cupy, collection)
+        cpu = _run(ALL[case], dtype, np, collection)
+        for a, b in zip(gpu, cpu):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=tol, atol=tol * 1e-2,
+                                       err_msg=f"{case} collection={collection}")
+
+
+def test_one_array_and_collection_identical_on_gpu():
+    import cupy
+
+    for factory in (RULES["ADAM"], CHAINS["ClipNorm+ADAM"]):
+        rng = np.random.default_rng(1)
+        params = [cupy.asarray(rng.standard_normal(n).astype(np.float32)) for n in (5000, 13, 70001)]
+        singles = [p.copy() for p in params]
+        together, alone = factory(), factory()
+        for _ in range(5):
+            grads = [cupy.asarray(rng.standard_normal(p.shape).astype(np.float32)) for p in params]
+            gpuopt.update(together, params, grads)
+            for p, g in zip(singles, grads):
+                gpuopt.update(alone, p, g)
+        for a, b in zip(params, singles):
+            assert bool(cupy.array_equal(a, b))
+
+
+def test_fused_chain_equals_rules_one_by_one_on_gpu():
+    import cupy
+
+    rng = np.random.default_rng(2)
+    x = cupy.asarray(rng.standard_normal(3000))
+    y = x.copy()
+    rules = [gpuopt.ClipValue(0.7), gpuopt.WeightDecay(1e-2), gpuopt.ClipNorm(10.0), gpuopt.ADAM(0.01)]
+    chain = gpuopt.Optimiser(*[type(r)(**r.hyperparameters()) for r in rules])
+    for _ in range(10):
+        g = cupy.asarray(rng.standard_normal(3000))
+        gpuopt.update(chain, x, g)
+        d = g
+        for rule in rules:
+            d = gpuopt.apply(rule, y, d)
+        y -= d
+    np.testing.assert_allclose(x.get(), y.get(), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "factory, single",
+    [(RULES["ADAM"], 1), (CHAINS["ClipValue+WeightDecay+ADAM"], 1), (CHAINS["ClipNorm+ADAM"], 2)],
+)
+def test_launch_counts_on_gpu(factory, single):
+    import cupy
+
+    opt = factory()
+    x, g = cupy.ones(1 << 20, cupy.float32), cupy.full(1 << 20, 0.5, cupy.float32)
+    gpuopt.update(opt, x, g)
+    with gpuopt.count_launches() as counter:
+        gpuopt.update(opt, x, g)
+    assert counter.launches == single
+    params = [cupy.ones(n * 100, cupy.float32) for n in range(1, 151)]
+    grads = [cupy.full(p.shape, 0.5, cupy.float32) for p in params]
+    gpuopt.update(opt, params, grads)
+    with gpuopt.count_launches() as counter:
+        gpuopt.update(opt, params, grads)
+    assert counter.launches == single  # 150 tensors: still one update launch (+ reduction)
+
+
+def test_changing_eta_compiles_nothing():
+    import cupy
+
+    from gpuopt.backends.cupy_backend import BACKEND
+
+    opt = gpuopt.ADAM()
+    x, g = cupy.ones(1000, cupy.float32), cupy.ones(1000, cupy.float32)
+    gpuopt.update(opt, x, g)
+    compiles = BACKEND.device.compiles
+    before = x.copy()
+    opt.eta = 0.5
+    gpuopt.update(opt, x, g)
+    assert BACKEND.device.compiles == compiles
+    assert float(cupy.abs(x - before).max()) > 0.1  # the new eta was used
+
+
+def test_torch_cuda_tensor_updated_in_place_without_copy():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    x = torch.ones(4096, device="cuda")
+    g = torch.full((4096,), 0.5, device="cuda")
+    pointer = x.data_ptr()
+    opt = gpuopt.Descent(0.1)
+    gpuopt.update(opt, x, g)
+    torch.cuda.synchronize()
+    assert x.data_ptr() == pointer
+    assert torch.allclose(x, torch.full_like(x, 0.95))
+    gpuopt.update(opt, x, g)  # state is keyed on the tensor itself, across calls
+    torch.cuda.synchronize()
+    assert torch.allclose(x, torch.full_like(x, 0.9))
+    adam = gpuopt.ADAM()
+    for _ in range(3):
+        gpuopt.update(adam, x, g)
+    assert adam.state_for(x).t == 3
+
+
+def test_backends_differ_is_a_type_error():
+    import cupy
+
+    x = np.ones(4, np.float32)
+    g = cupy.ones(4, cupy.float32)
+    with pytest.raises(TypeError, match="numpy.*cupy"):
+        gpuopt.update(gpuopt.ADAM(), x, g)
+    assert np.array_equal(x, np.ones(4, np.float32))
+
+
+def test_checkpoint_crosses_backends(tmp_path):
+    import cupy
+
+    opt = gpuopt.ADAM()
+    params = {"w": cupy.ones(100, cupy.float32)}
+    for _ in range(3):
+        gpuopt.update(opt, params, {"w": cupy.full(100, 0.1, cupy.float32)})
+    gpuopt.save_state(opt, params, tmp_path / "state.npz")
+    host = {"w": params["w"].get()}
+    restored = gpuopt.ADAM()
+    gpuopt.load_state(restored, host, tmp_path / "state.npz")
+    gpuopt.update(opt, params, {"w": cupy.full(100, 0.1, cupy.float32)})
+    gpuopt.update(restored, host, {"w": np.full(100, 0.1, np.float32)})
+    np.testing.assert_allclose(params["w"].get(), host["w"], rtol=1e-6)
