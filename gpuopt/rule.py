@@ -197,6 +197,7 @@ class Rule:
         for key, initial in self.host_state.items():
             setattr(self, key, initial)
         self._state = IdentityWeakMap()
+        self.state_version = 0  # bumped whenever state changes outside a prepared update
 
     # -- what a rule may override ---------------------------------------------------------
 
@@ -245,11 +246,13 @@ class Rule:
 
     def set_state_for(self, param: object, state: ParamState) -> None:
         self._state[param] = state
+        self.state_version += 1
 
     def reset(self) -> None:
         """Forget all per-parameter state."""
         for leaf in self.leaves():
             leaf._state.clear()
+            leaf.state_version += 1
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())

@@ -4,7 +4,10 @@
 //   table[t * GPUOPT_TABLE_WIDTH + 0..3]  x, g, out (pointers) and the element count n
 //   table[t * GPUOPT_TABLE_WIDTH + 4 + k] state slot k (pointer)
 //   chunk_start[t]                        first chunk of tensor t; chunk_start[tensors] = chunks
-//   scalars[t * GPUOPT_SCALARS_ALLOC + j] host scalar j of tensor t (its own step count)
+//   scalars[t * GPUOPT_SCALARS_ALLOC + j] host scalar j of tensor t, read when per_tensor is
+//                                         set (step counts differ); else every tensor uses
+//                                         the scalars passed by value, as the single-array kernel
+
 //   totals[t * GPUOPT_TOTALS_ALLOC + j]   reduction result j of tensor t
 // Tensors are cut into chunks of GPUOPT_CHUNK elements; blocks walk the chunks grid-stride
 // and find their tensor by binary search, so one launch covers any number of tensors.
@@ -44,14 +47,19 @@ __device__ __forceinline__ gpuopt_tensor gpuopt_read_row(const unsigned long lon
 
 extern "C" __global__ void gpuopt_multi_tensor(const int tensors, const long long chunks,
                                                const unsigned long long* table, const long long* chunk_start,
-                                               const gpuopt_compute_t* scalars, const double* totals) {
+                                               const int per_tensor, const gpuopt_compute_t* scalars,
+                                               const double* totals GPUOPT_SCALAR_PARAMS) {
+    const gpuopt_compute_t shared_h[GPUOPT_SCALARS_ALLOC] = GPUOPT_SCALAR_LIST;
     for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
         const int t = gpuopt_tensor_of(c, chunk_start, tensors);
         const gpuopt_tensor r = gpuopt_read_row(table, t);
         const bool aligned = gpuopt_all_aligned(r.x, r.g, r.out, r.slots);
         const long long begin = (c - chunk_start[t]) * GPUOPT_CHUNK;
         const long long end = begin + GPUOPT_CHUNK < r.n ? begin + GPUOPT_CHUNK : r.n;
-        const gpuopt_compute_t* h = scalars + (long long)t * GPUOPT_SCALARS_ALLOC;
+        gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];  // a local copy, so it can live in registers
+#pragma unroll
+        for (int j = 0; j < GPUOPT_SCALARS_ALLOC; ++j)
+            h[j] = per_tensor ? scalars[(long long)t * GPUOPT_SCALARS_ALLOC + j] : shared_h[j];
         const double* tot = totals + (long long)t * GPUOPT_TOTALS_ALLOC;
         for (long long i = begin + (long long)threadIdx.x * GPUOPT_VEC; i < end;
              i += (long long)blockDim.x * GPUOPT_VEC)
@@ -64,15 +72,20 @@ extern "C" __global__ void gpuopt_multi_tensor(const int tensors, const long lon
 // to finish adds that tensor's partials in order. `done` holds one zeroed counter per tensor.
 extern "C" __global__ void gpuopt_multi_reduce(const int level, const int tensors, const long long chunks,
                                                const unsigned long long* table, const long long* chunk_start,
-                                               const gpuopt_compute_t* scalars, double* totals,
-                                               double* partials, unsigned int* done) {
+                                               const int per_tensor, const gpuopt_compute_t* scalars,
+                                               double* totals, double* partials, unsigned int* done
+                                               GPUOPT_SCALAR_PARAMS) {
+    const gpuopt_compute_t shared_h[GPUOPT_SCALARS_ALLOC] = GPUOPT_SCALAR_LIST;
     for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
         const int t = gpuopt_tensor_of(c, chunk_start, tensors);
         const gpuopt_tensor r = gpuopt_read_row(table, t);
         const bool aligned = gpuopt_all_aligned(r.x, r.g, r.x, r.slots);
         const long long begin = (c - chunk_start[t]) * GPUOPT_CHUNK;
         const long long end = begin + GPUOPT_CHUNK < r.n ? begin + GPUOPT_CHUNK : r.n;
-        const gpuopt_compute_t* h = scalars + (long long)t * GPUOPT_SCALARS_ALLOC;
+        gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];  // a local copy, so it can live in registers
+#pragma unroll
+        for (int j = 0; j < GPUOPT_SCALARS_ALLOC; ++j)
+            h[j] = per_tensor ? scalars[(long long)t * GPUOPT_SCALARS_ALLOC + j] : shared_h[j];
         double* tot = totals + (long long)t * GPUOPT_TOTALS_ALLOC;
         double acc[GPUOPT_TERMS];
 #pragma unroll

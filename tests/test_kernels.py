@@ -294,10 +294,12 @@ def test_mixed_dtypes_in_one_call_launch_once_per_group(on_kernels, emulated_bac
     opt = gpuopt.ADAM()
     params = [np.ones(10, dt) for dt in (np.float32, np.float64, np.float32, np.float16)]
     grads = [np.full(10, 0.1, p.dtype) for p in params]
-    gpuopt.update(opt, params, grads)
     with emulated_backend.count_launches() as counter:
         gpuopt.update(opt, params, grads)
     assert sorted(counter.names) == ["gpuopt_elementwise", "gpuopt_elementwise", "gpuopt_multi_tensor"]
+    with emulated_backend.count_launches() as counter:  # repeated: the prepared update
+        gpuopt.update(opt, params, grads)
+    assert counter.names == ["gpuopt_multi_tensor"] * 3
     on_kernels(False)
     reference = [np.ones(10, p.dtype) for p in params]
     ref_opt = gpuopt.ADAM()
@@ -335,3 +337,85 @@ def test_changing_hyperparameters_never_rebuilds_a_module(on_kernels, emulated_b
         opt[0].thresh = eta
         gpuopt.update(opt, x, g)
     assert len(emulated_backend.device._libraries) == built
+
+
+# -- repeating an update on the same arrays (the prepared fast path) --------------------------
+
+
+def _reference_run(factory, sizes, steps, on_kernels, schedule):
+    """Run ``schedule(step) -> indices of the arrays to update`` on NumPy and on kernels."""
+    results = []
+    for use_kernels in (True, False):
+        on_kernels(use_kernels)
+        opt = factory()
+        rng = np.random.default_rng(7)
+        params = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+        grads = [np.empty_like(p) for p in params]
+        for step in range(steps):
+            for g in grads:  # the same gradient arrays every step, refilled in place
+                g[...] = rng.standard_normal(g.shape)
+            chosen = schedule(step)
+            if len(chosen) == 1:
+                gpuopt.update(opt, params[chosen[0]], grads[chosen[0]])
+            else:
+                gpuopt.update(opt, [params[i] for i in chosen], [grads[i] for i in chosen])
+        results.append((params, opt))
+    return results
+
+
+@pytest.mark.parametrize("case", ["ADAM", "ClipNorm+ADAM", "ExpDecay+ADAM", "ClipNorm+ClipNorm+Descent"])
+def test_repeated_collection_update_matches_numpy(case, on_kernels):
+    (kernels, opt), (numpy, ref) = _reference_run(ALL[case], [300, 70001, 5], 12, on_kernels,
+                                                  lambda step: [0, 1, 2])
+    assert "_prepared" in vars(opt)  # the fast path was taken
+    for a, b in zip(kernels, numpy):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    for leaf, ref_leaf in zip(opt.leaves(), ref.leaves()):
+        assert leaf.hyperparameters() == ref_leaf.hyperparameters()  # ExpDecay decayed alike
+
+
+def test_prepared_update_notices_other_updates_and_step_counts(on_kernels):
+    # Array 1 alone on some steps; array 2 joins late (its step count differs from the rest).
+    def schedule(step):
+        if step % 4 == 3:
+            return [1]
+        return [0, 1] if step < 6 else [0, 1, 2]
+
+    (kernels, _), (numpy, _) = _reference_run(RULES["ADAM"], [300, 1000, 70], 14, on_kernels, schedule)
+    for a, b in zip(kernels, numpy):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_prepared_update_sees_new_hyperparameters_and_reset(on_kernels, emulated_backend):
+    on_kernels(True)
+    opt = gpuopt.Descent(0.5)
+    params = [np.ones(10, np.float32), np.ones(20, np.float32)]
+    grads = [np.ones(10, np.float32), np.ones(20, np.float32)]
+    gpuopt.update(opt, params, grads)
+    gpuopt.update(opt, params, grads)
+    opt.eta = 0.25
+    gpuopt.update(opt, params, grads)
+    np.testing.assert_allclose(params[1], 1 - 0.5 - 0.5 - 0.25)
+    adam = gpuopt.ADAM(0.1)
+    for _ in range(3):
+        gpuopt.update(adam, params, grads)
+    adam.reset()
+    before = params[0].copy()
+    gpuopt.update(adam, params, grads)  # a fresh first step: ADAM's first step is eta*sign(g)
+    np.testing.assert_allclose(before - params[0], 0.1, rtol=1e-5)
+    assert adam.leaves()[0].state_for(params[0]).t == 1
+
+
+def test_prepared_update_keeps_state_weakly_held(on_kernels):
+    import gc
+
+    on_kernels(True)
+    opt = gpuopt.ADAM()
+    params = [np.ones(10, np.float32), np.ones(20, np.float32)]
+    grads = [np.ones(10, np.float32), np.ones(20, np.float32)]
+    for _ in range(3):
+        gpuopt.update(opt, params, grads)
+    assert "_prepared" in vars(opt) and len(opt._state) == 2
+    del params
+    gc.collect()
+    assert len(opt._state) == 0 and "_prepared" not in vars(opt)

@@ -14,7 +14,7 @@ the same CUDA text compiled for the CPU, so the tables and chunking are tested w
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -52,7 +52,6 @@ class _Tables:
     partials: Any = None
     done: Any = None
     chunks: int = 0
-    keepalive: list = field(default_factory=list)
 
 
 class LaunchCounter:
@@ -85,11 +84,31 @@ class KernelBackend:
         return self.xp.empty(x.shape, dtype=x.dtype)
 
     def run(self, program: Program, jobs: Sequence[Any], apply: bool) -> None:
-        groups: dict[tuple, list[Any]] = {}
-        for job in jobs:
-            groups.setdefault((np.dtype(job.x.dtype), np.dtype(job.g.dtype)), []).append(job)
-        for (param, grad), group in groups.items():
-            self._run_group(program, param, grad, group, apply)
+        for (param, grad), group in _dtype_groups(jobs).items():
+            flat = [(job, _contiguous(self.xp, job.x), _contiguous(self.xp, job.g)) for job in group]
+            launch = self._group_launcher(program, param, grad, flat, apply)
+            launch([job.scalars for job in group])
+            for job, x, _ in flat:  # kernels need contiguous memory; others went through a copy
+                if x is not job.x and not apply:
+                    job.x[...] = x
+
+    def prepare(self, program: Program, jobs: Sequence[Any]) -> Callable[[list[float]], None] | None:
+        """A launcher for repeating this update on the same arrays: tables are built now, and
+        each call only launches, with one row of host scalars shared by every array. None if
+        an array needs a contiguous copy (those cannot be prepared)."""
+        launchers = []
+        for (param, grad), group in _dtype_groups(jobs).items():
+            if not all(job.x.flags.c_contiguous and job.g.flags.c_contiguous for job in group):
+                return None
+            flat = [(job, job.x, job.g) for job in group]
+            # Always the multi-tensor kernel: its launcher holds device tables, not the arrays.
+            launchers.append((self._group_launcher(program, param, grad, flat, False, multi=True), len(group)))
+
+        def launch(scalars: list[float]) -> None:
+            for launcher, count in launchers:
+                launcher([scalars] * count)
+
+        return launch
 
     @contextlib.contextmanager
     def count_launches(self) -> Iterator[LaunchCounter]:
@@ -114,51 +133,46 @@ class KernelBackend:
             self._null = self.xp.zeros(1, dtype=np.float64)
         return self._null
 
-    def _run_group(self, program: Program, param: np.dtype, grad: np.dtype, jobs: list[Any], apply: bool) -> None:
-        xp = self.xp
-        # Kernels need contiguous memory: other layouts go through a copy that is written back.
-        flat = []
-        for job in jobs:
-            x = job.x if job.x.flags.c_contiguous else xp.ascontiguousarray(job.x)
-            g = job.g if job.g.flags.c_contiguous else xp.ascontiguousarray(job.g)
-            flat.append((job, x, g))
-        live = [(job, x, g) for job, x, g in flat if x.size]
-        if live:
-            source = module_source(program, param, grad, apply)
-            ct = compute_dtype(param)
-            if len(live) == 1 and not program.levels:
-                self._elementwise(source, ct, live[0], apply)
-            else:
-                self._multi_tensor(source, program, ct, live, apply)
-        for job, x, _ in flat:
-            if x is not job.x and not apply:
-                job.x[...] = x
+    def _group_launcher(self, program: Program, param: np.dtype, grad: np.dtype, flat: list[tuple],
+                        apply: bool, multi: bool = False) -> Callable[[Sequence[Sequence[float]]], None]:
+        """Everything but the launches, done once: returns ``launch(scalars per array)``."""
+        kept = [i for i, entry in enumerate(flat) if entry[1].size]  # empty arrays need no work
+        if not kept:
+            return lambda rows: None
+        live = [flat[i] for i in kept]
+        source = module_source(program, param, grad, apply)
+        ct = compute_dtype(param)
+        if len(live) == 1 and not program.levels and not multi:
+            launch = self._elementwise(source, ct, live[0], apply)
+        else:
+            launch = self._multi_tensor(source, program, ct, live, apply)
+        if len(kept) == len(flat):
+            return launch
+        return lambda rows: launch([rows[i] for i in kept])
 
-    def _elementwise(self, source: str, ct: np.dtype, entry: tuple, apply: bool) -> None:
+    def _elementwise(self, source: str, ct: np.dtype, entry: tuple, apply: bool) -> Callable:
         job, x, g = entry
         n = x.size
         groups = -(-n // VEC)
         blocks = max(1, min(-(-groups // self.device.threads), self.device.max_blocks))
-        out = job.out if apply else x
-        args = [np.int64(n), x, g, out, self._placeholder(), *job.slots, *(ct.type(v) for v in job.scalars)]
-        self._launch(source, "gpuopt_elementwise", blocks, args)
+        args = [np.int64(n), x, g, job.out if apply else x, self._placeholder(), *job.slots]
 
-    def _multi_tensor(self, source: str, program: Program, ct: np.dtype, live: list[tuple], apply: bool) -> None:
+        def launch(rows: Sequence[Sequence[float]]) -> None:
+            self._launch(source, "gpuopt_elementwise", blocks, [*args, *(ct.type(v) for v in rows[0])])
+
+        return launch
+
+    def _multi_tensor(self, source: str, program: Program, ct: np.dtype, live: list[tuple],
+                      apply: bool) -> Callable:
         xp, device = self.xp, self.device
-        nslots = len(program.slots)
-        width = 4 + nslots
-        host = np.empty((len(live), width), dtype=np.uint64)
+        host = np.empty((len(live), 4 + len(program.slots)), dtype=np.uint64)
         for row, (job, x, g) in zip(host, live):
-            row[0] = device.pointer(x)
-            row[1] = device.pointer(g)
-            row[2] = device.pointer(job.out if apply else x)
-            row[3] = x.size
+            row[:4] = (device.pointer(x), device.pointer(g), device.pointer(job.out if apply else x), x.size)
             for k, slot in enumerate(job.slots):
                 row[4 + k] = device.pointer(slot)
-        key = (source, len(live))
-        tables = self._tables.get(key)
+        tables = self._tables.get(source)
         if tables is None:
-            tables = self._tables[key] = _Tables()
+            tables = self._tables[source] = _Tables()
         if tables.host_table is None or not np.array_equal(tables.host_table, host):
             sizes = host[:, 3].astype(np.int64)
             starts = np.zeros(len(live) + 1, dtype=np.int64)
@@ -173,18 +187,45 @@ class KernelBackend:
                 tables.partials = xp.zeros(tables.chunks * terms, dtype=np.float64)
                 tables.done = xp.zeros(len(live), dtype=np.uint32)
             else:
-                tables.totals = self._placeholder()
-        tables.keepalive = [entry[1:] for entry in live]  # the tables point into these arrays
+                tables.totals = tables.partials = tables.done = self._placeholder()
+        # The launcher keeps its own references: a later group with the same source but other
+        # arrays replaces the cached tables, not these.
+        table, chunk_start, chunks = tables.table, tables.chunk_start, tables.chunks
+        totals, partials, done = tables.totals, tables.partials, tables.done
+        blocks = max(1, min(chunks, device.max_blocks))
+        tensors = len(live)
         nscalars = max(len(program.scalars), 1)
-        host_scalars = np.zeros((len(live), nscalars), dtype=ct)
-        for row, (job, _, _) in zip(host_scalars, live):
-            row[: len(job.scalars)] = job.scalars
-        if tables.host_scalars is None or not np.array_equal(tables.host_scalars, host_scalars):
-            tables.host_scalars = host_scalars
-            tables.scalars = xp.asarray(host_scalars)
-        blocks = max(1, min(tables.chunks, device.max_blocks))
-        common = [np.int32(len(live)), np.int64(tables.chunks), tables.table, tables.chunk_start, tables.scalars]
-        for level in range(1, program.levels + 1):
-            self._launch(source, "gpuopt_multi_reduce", blocks,
-                         [np.int32(level), *common, tables.totals, tables.partials, tables.done])
-        self._launch(source, "gpuopt_multi_tensor", blocks, [*common, tables.totals])
+        placeholder = self._placeholder()
+        upload: dict[str, Any] = {}
+
+        def launch(rows: Sequence[Sequence[float]]) -> None:
+            first = rows[0]
+            if all(row is first or row == first for row in rows):
+                # One step count for all: scalars go by value, nothing is copied to the device.
+                per_tensor, scalars, by_value = 0, placeholder, [ct.type(v) for v in first]
+            else:
+                matrix = np.zeros((len(rows), nscalars), dtype=ct)
+                for i, row in enumerate(rows):
+                    matrix[i, : len(row)] = row
+                if "host" not in upload or not np.array_equal(upload["host"], matrix):
+                    upload["host"], upload["device"] = matrix, xp.asarray(matrix)
+                per_tensor, scalars = 1, upload["device"]
+                by_value = [ct.type(0)] * len(program.scalars)
+            common = [np.int32(tensors), np.int64(chunks), table, chunk_start, np.int32(per_tensor), scalars]
+            for level in range(1, program.levels + 1):
+                self._launch(source, "gpuopt_multi_reduce", blocks,
+                             [np.int32(level), *common, totals, partials, done, *by_value])
+            self._launch(source, "gpuopt_multi_tensor", blocks, [*common, totals, *by_value])
+
+        return launch
+
+
+def _dtype_groups(jobs: Sequence[Any]) -> dict[tuple, list[Any]]:
+    groups: dict[tuple, list[Any]] = {}
+    for job in jobs:
+        groups.setdefault((np.dtype(job.x.dtype), np.dtype(job.g.dtype)), []).append(job)
+    return groups
+
+
+def _contiguous(xp: Any, array: Any) -> Any:
+    return array if array.flags.c_contiguous else xp.ascontiguousarray(array)
