@@ -102,7 +102,7 @@ def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved,
         for leaf, t in zip(leaves, step_counts):
             leaf.advance(t)
             values.append(leaf.scalars(t))
-        scalars = cache[step_counts] = [values[ref.rule][ref.name] for ref in program.scalars]
+        scalars = cache[step_counts] = program.host_scalars([values[ref.rule][ref.name] for ref in program.scalars])
     slots = [states[ref.rule].slots[ref.position] for ref in program.slots]
     return Job(key, x.array, g.array, slots, scalars)
 
@@ -158,7 +158,7 @@ class _Prepared:
         for i, leaf in enumerate(self.leaves):
             leaf.advance(self.t[i] + 1)
             values.append(leaf.scalars(self.t[i] + 1))
-        self.launch([values[ref.rule][ref.name] for ref in self.program.scalars])
+        self.launch(self.program.host_scalars([values[ref.rule][ref.name] for ref in self.program.scalars]))
         self.t = [t + 1 for t in self.t]
         for state in self.states:
             state.t += 1

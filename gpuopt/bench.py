@@ -114,6 +114,8 @@ MAX_INNER = 1000
 #: extra memory an unfused baseline needs besides its state, in compute-dtype arrays
 UNFUSED_TEMPORARIES = 6
 MEMORY_MARGIN = 256 << 20
+#: bytes of the buffer whose copy gives the reference bandwidth
+COPY_BYTES = {"cupy": 1 << 30, "numpy": 256 << 20}
 HOST_CALLS = 50  # update calls timed on the host for the model
 
 
@@ -444,11 +446,12 @@ class NumpyDevice:
             gc.collect()
 
     def copy_bandwidth(self, repeats: int) -> dict[str, Any]:
-        """GB/s of ``np.copyto`` between two 256 MiB buffers (bytes read + written)."""
-        nbytes = 256 << 20
+        """GB/s of ``np.copyto`` between two 256 MiB buffers (bytes read + written): far larger
+        than any cache, so it is memory bandwidth."""
+        nbytes = COPY_BYTES["numpy"]
         free = self.free_bytes()
         if free is not None:
-            nbytes = max(16 << 20, min(nbytes, free // 4))
+            nbytes = min(nbytes, max(free // 4, 1 << 20))
         n = nbytes // 4
         src = np.ones(n, dtype=np.float32)
         dst = np.zeros(n, dtype=np.float32)
@@ -535,10 +538,10 @@ class CupyDevice:
         """GB/s of a device-to-device copy of a 1 GiB buffer (bytes read + written): both
         cudaMemcpy and a plain copy kernel are timed, and the faster is the reference."""
         cupy = self.cupy
-        nbytes = 1 << 30
+        nbytes = COPY_BYTES["cupy"]
         free = self.free_bytes()
         if free is not None:
-            nbytes = max(64 << 20, min(nbytes, (free - MEMORY_MARGIN) // 3))
+            nbytes = min(nbytes, max((free - MEMORY_MARGIN) // 3, 1 << 20))
         n = nbytes // 4
         src = cupy.ones(n, dtype=cupy.float32)
         dst = cupy.zeros(n, dtype=cupy.float32)
@@ -1333,8 +1336,11 @@ def format_report(report: dict[str, Any]) -> str:
             extra = f"  {ratio:.2f}x the one-call time" if ratio is not None else ""
             if "host_time_s" in v:
                 extra += f"  (host time per call {_fmt_time(v['host_time_s'])})"
-            lines.append(f"  {labels.get(name, name):<28} {_fmt_time(v['time_s']):>11}  "
-                         f"{v['gbps']:>8.1f} GB/s{extra}")
+            if "time_s" not in v:
+                lines.append(f"  {labels.get(name, name):<28} error: {v.get('error', '?')}")
+                continue
+            gbps = f"{v['gbps']:>8.1f} GB/s" if "gbps" in v else ""
+            lines.append(f"  {labels.get(name, name):<28} {_fmt_time(v['time_s']):>11}  {gbps}{extra}")
     lines += ["", "targets:"]
     for t in report["targets"]:
         value = "" if t["value"] is None else f" = {t['value']:.3g} (limit {t['limit']:g})"

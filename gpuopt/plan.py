@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .expr import Expr, Graph, Node, tracing
 from .rule import Rule
@@ -33,6 +35,31 @@ class Program:
     stores: tuple[tuple[int, Node], ...]  # (slot index, new value) for slots the step assigns
     result: Node  # the final d
     totals: tuple[Node, ...]  # total_value nodes, by their slot number
+    # Per-array values computed from host scalars and constants only (ADAM's 1 - b1): the
+    # host computes them in float64 once per step and passes them after the scalars.
+    hoisted: tuple[Node, ...] = ()
+    hoisted_index: dict[int, int] = field(default_factory=dict)  # node index -> scalar index
+
+    @property
+    def scalar_count(self) -> int:
+        """How many scalars the kernels take: the rules' host scalars, then hoisted values."""
+        return len(self.scalars) + len(self.hoisted)
+
+    def host_scalars(self, values: list[float]) -> list[float]:
+        """``values`` (one per entry of ``scalars``) followed by the hoisted values, in float64."""
+        computed: dict[int, float] = {}
+
+        def value(node: Node) -> float:
+            if node.op == "scalar":
+                return values[node.value]
+            if node.op == "const":
+                return node.value
+            if node.index not in computed:
+                computed[node.index] = _HOST_OPS[node.op](*(value(a) for a in node.args))
+            return computed[node.index]
+
+        with np.errstate(all="ignore"):
+            return [*values, *(float(value(node)) for node in self.hoisted)]
 
     @property
     def levels(self) -> int:
@@ -43,7 +70,8 @@ class Program:
         return tuple(t for t in self.totals if t.value[1] == level)
 
     def needed(self, roots: list[Node]) -> list[Node]:
-        """The nodes that ``roots`` depend on, in topological order (totals are inputs)."""
+        """The nodes that ``roots`` depend on, in topological order (totals and hoisted
+        values are inputs: their arguments are not needed)."""
         seen: set[int] = set()
         stack = list(roots)
         while stack:
@@ -51,7 +79,7 @@ class Program:
             if node.index in seen:
                 continue
             seen.add(node.index)
-            if node.op != "total_value":
+            if node.op != "total_value" and node.index not in self.hoisted_index:
                 stack.extend(node.args)
         return [n for n in self.graph.nodes if n.index in seen]
 
@@ -142,7 +170,49 @@ def _trace(leaves: tuple[Rule, ...]) -> Program:
     stores = tuple((i, node) for i, node in values.items() if node is not initial[i])
     totals = tuple(sorted((n for n in graph.nodes if n.op == "total_value"), key=lambda n: n.value[0]))
     names = " > ".join(type(r).__name__ for r in leaves) or "identity"
-    return Program(graph, names, tuple(slots), tuple(sorted(used, key=used.get)), stores, d.node, totals)
+    scalars = tuple(sorted(used, key=used.get))
+    roots = [d.node] + [node for _, node in stores]
+    hoisted = _hoistable(graph, roots)
+    index = {node.index: len(scalars) + k for k, node in enumerate(hoisted)}
+    return Program(graph, names, tuple(slots), scalars, stores, d.node, totals, hoisted, index)
+
+
+def _host_computable(node: Node) -> bool:
+    return node.uniform and node.level == 0 and not node.is_bool and node.op not in ("scalar", "const")
+
+
+def _hoistable(graph: Graph, roots: list[Node]) -> tuple[Node, ...]:
+    """The host-computable nodes that something computed per element (or a root) reads."""
+    consumers: dict[int, list[Node]] = {}
+    for node in graph.nodes:
+        for arg in node.args:
+            consumers.setdefault(arg.index, []).append(node)
+    root_ids = {r.index for r in roots}
+    return tuple(
+        node for node in graph.nodes
+        if _host_computable(node)
+        and (node.index in root_ids or any(not _host_computable(c) for c in consumers.get(node.index, [])))
+    )
+
+
+# float64 host arithmetic for hoisted values: the same operations as the kernels' (fmax/fmin
+# ignore NaN), evaluated in double precision once per step.
+_HOST_OPS = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: float(np.divide(a, b)),  # IEEE: x/0 is inf or nan, not an exception
+    "max": lambda a, b: float(np.fmax(a, b)),
+    "min": lambda a, b: float(np.fmin(a, b)),
+    "neg": lambda a: -a,
+    "sqrt": lambda a: float(np.sqrt(a)),
+    "abs": abs,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+    "where": lambda c, a, b: a if c else b,
+}
 
 
 _programs: dict[tuple, Program] = {}

@@ -51,7 +51,9 @@ def _const(value: float) -> str:
     return f"gpuopt_compute_t({text})"
 
 
-def _expression(node: Node, double: bool) -> str:
+def _expression(program: Program, node: Node, double: bool) -> str:
+    if node.index in program.hoisted_index:
+        return f"h[{program.hoisted_index[node.index]}]"
     a = [f"v{arg.index}" for arg in node.args]
     op = node.op
     if op == "x":
@@ -77,11 +79,26 @@ def _expression(node: Node, double: bool) -> str:
     raise ValueError(f"no CUDA spelling for operation {op!r}")
 
 
+def _describe(program: Program, node: Node) -> str:
+    """A hoisted value in words, for the module's header comment: ``1.0 - ADAM.b1``."""
+    if node.op == "scalar":
+        ref = program.scalars[node.value]
+        return f"{program.description.split(' > ')[ref.rule]}.{ref.name}"
+    if node.op == "const":
+        return repr(node.value)
+    args = [_describe(program, a) for a in node.args]
+    if node.op in _BINARY:
+        return f"({args[0]} {_BINARY[node.op]} {args[1]})"
+    if node.op == "where":
+        return f"({args[0]} ? {args[1]} : {args[2]})"
+    return f"{'-' if node.op == 'neg' else node.op}({', '.join(args)})"
+
+
 def _statements(program: Program, roots: list[Node], double: bool) -> list[str]:
     lines = []
     for node in program.needed(roots):
         ctype = "bool" if node.is_bool else "gpuopt_compute_t"
-        lines.append(f"    const {ctype} v{node.index} = {_expression(node, double)};")
+        lines.append(f"    const {ctype} v{node.index} = {_expression(program, node, double)};")
     return lines
 
 
@@ -149,7 +166,7 @@ def _conversions(param: np.dtype, grad: np.dtype) -> list[str]:
 def _preamble(program: Program, param: np.dtype, grad: np.dtype, apply: bool) -> str:
     ct = compute_dtype(param)
     double = ct == np.float64
-    nslots, nscalars = len(program.slots), len(program.scalars)
+    nslots, nscalars = len(program.slots), program.scalar_count
     lines = [
         f"// gpuopt fused kernels for: {program.description}",
         f"// x stored as {param}, g as {grad}; state and arithmetic in {ct}"
@@ -159,6 +176,8 @@ def _preamble(program: Program, param: np.dtype, grad: np.dtype, apply: bool) ->
               for i, ref in enumerate(program.slots)]
     lines += [f"//   h[{i}] = {program.description.split(' > ')[ref.rule]}.{ref.name}"
               for i, ref in enumerate(program.scalars)]
+    lines += [f"//   h[{program.hoisted_index[node.index]}] = {_describe(program, node)}  (float64, on the host)"
+              for node in program.hoisted]
     if np.dtype(np.float16) in (param, grad):
         lines.append("#include <cuda_fp16.h>")
     lines += [

@@ -194,7 +194,7 @@ class KernelBackend:
         totals, partials, done = tables.totals, tables.partials, tables.done
         blocks = max(1, min(chunks, device.max_blocks))
         tensors = len(live)
-        nscalars = max(len(program.scalars), 1)
+        nscalars = max(program.scalar_count, 1)
         placeholder = self._placeholder()
         upload: dict[str, Any] = {}
 
@@ -210,7 +210,7 @@ class KernelBackend:
                 if "host" not in upload or not np.array_equal(upload["host"], matrix):
                     upload["host"], upload["device"] = matrix, xp.asarray(matrix)
                 per_tensor, scalars = 1, upload["device"]
-                by_value = [ct.type(0)] * len(program.scalars)
+                by_value = [ct.type(0)] * program.scalar_count
             common = [np.int32(tensors), np.int64(chunks), table, chunk_start, np.int32(per_tensor), scalars]
             for level in range(1, program.levels + 1):
                 self._launch(source, "gpuopt_multi_reduce", blocks,

@@ -46,13 +46,17 @@ def _where(cond: Any, a: Any, b: Any, out: np.ndarray) -> None:
     np.copyto(out, a, where=cond)
 
 
-def evaluate_uniform(nodes: Sequence[Node], values: dict[int, Any], ct: np.dtype,
+def evaluate_uniform(program: Program, nodes: Sequence[Node], values: dict[int, Any], ct: np.dtype,
                      scalars: Sequence[float], totals: Sequence[float]) -> None:
-    """Evaluate the per-array nodes among ``nodes`` into ``values`` (in compute precision)."""
+    """Evaluate the per-array nodes among ``nodes`` into ``values`` (in compute precision);
+    ``scalars`` holds the host scalars and then the hoisted values, as the kernels get them."""
+    hoisted = program.hoisted_index
     for node in nodes:
         if not node.uniform or node.index in values:
             continue
-        if node.op == "const":
+        if node.index in hoisted:
+            values[node.index] = ct.type(scalars[hoisted[node.index]])
+        elif node.op == "const":
             values[node.index] = ct.type(node.value)
         elif node.op == "scalar":
             values[node.index] = ct.type(scalars[node.value])
@@ -204,7 +208,7 @@ class NumpyExecutor:
             # branch of a where() may divide by zero without it mattering
             for level, p in enumerate(self.stage_passes, start=1):
                 uniform: dict[int, Any] = {}
-                evaluate_uniform(p.nodes, uniform, self.ct, scalars, totals)
+                evaluate_uniform(program, p.nodes, uniform, self.ct, scalars, totals)
                 for index, value in uniform.items():
                     vals[index] = value
                 terms = [t.args[0] for t in program.totals_at(level)]
@@ -224,7 +228,7 @@ class NumpyExecutor:
                     totals[term.value[0]] = float(uniform[arg.index]) * n if arg.uniform else sums[k]
             p = self.final_pass
             uniform = {}
-            evaluate_uniform(p.nodes, uniform, self.ct, scalars, totals)
+            evaluate_uniform(program, p.nodes, uniform, self.ct, scalars, totals)
             for index, value in uniform.items():
                 vals[index] = value
             result = program.result.index
