@@ -11,8 +11,23 @@ from .checkpoint import CheckpointError, load_state, save_state
 from .expr import Expr, clamp, maximum, minimum, sqrt, total, where
 from .rule import Hyper, Rule, beta_pair, non_negative, positive, positive_integer, unit_interval
 from .rules import (
-    ADAM, ADAMW, NADAM, RADAM, ADADelta, ADAGrad, AdaMax, AMSGrad, ClipNorm, ClipValue, Descent,
-    ExpDecay, InvDecay, Momentum, Nesterov, RMSProp, WeightDecay,
+    ADAM,
+    ADAMW,
+    NADAM,
+    RADAM,
+    ADADelta,
+    ADAGrad,
+    AdaMax,
+    AMSGrad,
+    ClipNorm,
+    ClipValue,
+    Descent,
+    ExpDecay,
+    InvDecay,
+    Momentum,
+    Nesterov,
+    RMSProp,
+    WeightDecay,
 )
 
 # Pythonic aliases for the seed's names.

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from .backends import get_backend
 from .backends.numpy_backend import compute_dtype
@@ -39,7 +40,9 @@ def _entries(params: Any, grads: Any) -> list[tuple[str, object, object]]:
         return [(f"params[{k!r}]", params[k], grads[k]) for k in params]
     if isinstance(params, (list, tuple)):
         if not isinstance(grads, (list, tuple)):
-            raise TypeError(f"params is a {type(params).__name__}, so grads must be a list or tuple, got {type(grads).__name__}")
+            raise TypeError(
+                f"params is a {type(params).__name__}, so grads must be a list or tuple, got {type(grads).__name__}"
+            )
         if len(grads) != len(params):
             raise TypeError(f"params has {len(params)} entries but grads has {len(grads)}")
         return [(f"params[{i}]", p, g) for i, (p, g) in enumerate(zip(params, grads))]

@@ -1033,8 +1033,12 @@ class _Runner:
             return info
         variants: dict[str, dict[str, Any]] = {}
 
-        def record(name: str, timing: Timing) -> dict[str, Any]:
-            variants[name] = {**timing.as_dict(), "gbps": bpe * total / timing.median / 1e9}
+        def record(name: str, timing: Timing | dict[str, Any]) -> dict[str, Any]:
+            """Store a variant's timing (or the error a baseline failed with)."""
+            if isinstance(timing, Timing):
+                variants[name] = {**timing.as_dict(), "gbps": bpe * total / timing.median / 1e9}
+            else:
+                variants[name] = timing
             return variants[name]
 
         label = f"model ({len(shapes)} tensors, {total / 1e6:.1f}M parameters)"
@@ -1057,7 +1061,7 @@ class _Runner:
         return info
 
     def _model_tensors(self, shapes: list[tuple[str, tuple[int, ...]]], label: str,
-                       record: Callable[[str, Timing], dict[str, Any]]) -> None:
+                       record: Callable[[str, Timing | dict[str, Any]], dict[str, Any]]) -> None:
         """Every variant that runs on the model's separate tensors (freed on return)."""
         c, device = self.config, self.device
         params = [device.random(shape, c.dtype, seed=i) for i, (_, shape) in enumerate(shapes)]
@@ -1101,13 +1105,17 @@ class _Runner:
                 return record("unfused_loop", self.measure(
                     lambda m: [plain.step_many(params, grads) for _ in range(m)]))
 
-            self.attempt("unfused model loop", unfused)
+            outcome = self.attempt("unfused model loop", unfused)
+            if "error" in outcome:
+                record("unfused_loop", outcome)
         if self.torch() is not None:
             for variant, kwargs in _torch_variants(device):
                 self.progress(f"{label}: {variant}", minor=True)
-                self.attempt(f"{variant} on the model",
-                             lambda variant=variant, kwargs=kwargs: record(
-                                 variant, self._torch_adam(params, grads, kwargs)))
+                outcome = self.attempt(f"{variant} on the model",
+                                       lambda variant=variant, kwargs=kwargs: record(
+                                           variant, self._torch_adam(params, grads, kwargs)))
+                if "error" in outcome:
+                    record(variant, outcome)
 
 
 def benchmark(config: Config | argparse.Namespace, progress: Progress | None = None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, overload
+from collections.abc import Iterator
+from typing import Any, overload
 
 from .rule import IdentityWeakMap, Rule
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import inspect
 import math
 import weakref
-from typing import Any, Callable, ClassVar, Iterator
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from .expr import Expr
 

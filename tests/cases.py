@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import gpuopt
 from gpuopt import Hyper, Rule, non_negative, unit_interval, where
@@ -51,7 +51,9 @@ OPTIMISERS = [
 
 #: chains: fused, with reductions, nested, and the seed's own combinations
 CHAINS: dict[str, Callable[[], Rule]] = {
-    "ClipValue+WeightDecay+ADAM": lambda: gpuopt.Optimiser(gpuopt.ClipValue(1.0), gpuopt.WeightDecay(1e-2), gpuopt.ADAM()),
+    "ClipValue+WeightDecay+ADAM": lambda: gpuopt.Optimiser(
+        gpuopt.ClipValue(1.0), gpuopt.WeightDecay(1e-2), gpuopt.ADAM()
+    ),
     "ClipNorm+ADAM": lambda: gpuopt.Optimiser(gpuopt.ClipNorm(2.0), gpuopt.ADAM(0.01)),
     "ADAM+ClipNorm": lambda: gpuopt.Optimiser(gpuopt.ADAM(0.5), gpuopt.ClipNorm(0.3)),
     "ClipNorm+ClipNorm+Descent": lambda: gpuopt.Optimiser(gpuopt.ClipNorm(5.0), gpuopt.Momentum(),

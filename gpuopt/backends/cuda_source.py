@@ -3,8 +3,9 @@
 The module is the generated preamble (types, sizes, and the element-wise functions
 ``gpuopt_step`` and ``gpuopt_terms`` printed from the program's graph) followed by the raw
 kernel sources of ``kernels/``: the single-array update, and the multi-tensor update and
-segmented reduction (which also serve one array whose chain needs a reduction). Hyperparameters and host scalars are never printed:
-they are kernel arguments, so the text depends only on the chain's structure and dtypes.
+segmented reduction (which also serve one array whose chain needs a reduction).
+Hyperparameters and host scalars are never printed: they are kernel arguments, so the text
+depends only on the chain's structure and dtypes.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def kernel_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "kernels"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template(name: str) -> str:
     return (kernel_dir() / name).read_text()
 

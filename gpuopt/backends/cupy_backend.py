@@ -7,7 +7,8 @@ the dtypes; hyperparameter values are kernel arguments and never cause a compile
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .cuda_source import NVRTC_OPTIONS
 from .kernel_backend import KernelBackend
@@ -25,7 +26,7 @@ class CupyDevice:
         self.xp = cupy
         self.compiles = 0  # modules compiled by this process (tests check eta never adds one)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one device object lives for the process
+    @functools.cache  # noqa: B019 - one device object lives for the process
     def _module(self, source: str) -> Any:
         self.compiles += 1
         return self.xp.RawModule(code=source, options=NVRTC_OPTIONS)

@@ -9,12 +9,13 @@ every element (host scalars and what is computed from them) are evaluated once p
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..plan import Program
 from ..expr import Node
+from ..plan import Program
 
 #: elements per block: 16K float32 is 64 KiB per buffer, so a rule's live buffers fit in L2
 BLOCK = 16384

@@ -14,8 +14,9 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,8 @@ def _entry_points(source: str) -> list[str]:
         found = re.match(r'extern "C" __global__ void (\w+)\(', line)
         if found:
             k = found.group(1)
-            entry = f'extern "C" void emulate_{k}(unsigned g, unsigned b, void** argv) {{ gpuopt_emulate({k}, g, b, argv); }}'
+            entry = (f'extern "C" void emulate_{k}(unsigned g, unsigned b, void** argv) '
+                     f'{{ gpuopt_emulate({k}, g, b, argv); }}')
             entries.append("\n".join([*conditions, entry, *["#endif"] * len(conditions)]))
     return entries
 

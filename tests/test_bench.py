@@ -1,0 +1,298 @@
+"""The benchmark command (gpuopt/bench.py) on NumPy, kept fast: tiny sizes, a tiny model, no
+PyTorch. Also: bytes per element against SPEC section 6, the unfused baselines against gpuopt's
+NumPy path (the baselines are the same math), and the GPU targets' logic on a synthetic report."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+import gpuopt
+from gpuopt import bench
+from gpuopt.dispatch import gpu_available
+
+from .cases import ALL, SignMomentum
+
+TINY = ["--backend", "numpy", "--sizes", "10,12", "--rules", "ADAM,Descent,Clip+WD+ADAM",
+        "--repeats", "2", "--warmup", "1", "--model-layers", "1", "--model-width", "8",
+        "--no-torch", "--quiet"]
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(autouse=True)
+def small_copy_buffer(monkeypatch):
+    monkeypatch.setitem(bench.COPY_BYTES, "numpy", 8 << 20)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny NumPy run through run(): its exit status, stdout, and the JSON it wrote."""
+    mp = pytest.MonkeyPatch()
+    mp.setitem(bench.COPY_BYTES, "numpy", 8 << 20)
+    out = io.StringIO()
+    mp.setattr(sys, "stdout", out)
+    path = tmp_path_factory.mktemp("bench") / "result.json"
+    try:
+        status = bench.run(_args([*TINY, "--json", str(path)]))
+    finally:
+        mp.undo()
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    return status, out.getvalue(), report
+
+
+# -- bytes per element ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(bench.SPEC_BYTES_FLOAT32))
+def test_bytes_per_element_matches_spec_table(name):
+    assert bench.bytes_per_element(bench.RULES[name](), "float32") == bench.SPEC_BYTES_FLOAT32[name]
+
+
+def test_bytes_per_element_general():
+    assert bench.check_spec_bytes() == {}
+    assert bench.bytes_per_element(gpuopt.ADAMW(), np.float32) == 28
+    assert bench.bytes_per_element(bench.RULES[bench.CHAIN](), np.float32) == 28
+    # float16 parameters keep float32 state: 3 * 2 + 2 slots * 2 * 4
+    assert bench.bytes_per_element(gpuopt.ADAM(), np.float16) == 22
+    assert bench.bytes_per_element(gpuopt.ADAM(), np.float64) == 56
+    assert bench.bytes_per_element(gpuopt.AMSGrad(), np.float16) == 6 + 24
+    # a custom rule counts its own slots; a ClipNorm pass also reads g once more
+    assert bench.bytes_per_element(SignMomentum(), np.float32) == 20
+    assert bench.bytes_per_element(gpuopt.Optimiser(gpuopt.ClipNorm(1.0), gpuopt.ADAM()), np.float32) == 32
+    # the reduction recomputes the rules before it: it reads their state too
+    chain = gpuopt.Optimiser(gpuopt.Momentum(), gpuopt.ClipNorm(1.0))
+    assert bench.bytes_per_element(chain, np.float32) == 20 + 4 + 4
+
+
+# -- the unfused baselines are the same math ------------------------------------------------
+
+AGREE = [name for name in ALL if "SignMomentum" not in name]
+TOL = {"float64": 1e-12, "float32": 2e-5, "float16": 2e-3}
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("case", AGREE)
+def test_unfused_matches_gpuopt(case, dtype):
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal(3001).astype(dtype)
+    x_fused, x_plain = x0.copy(), x0.copy()
+    opt, plain = ALL[case](), bench.Unfused(ALL[case](), np)
+    for _ in range(8):  # RADAM in cases rectifies from step 6; ExpDecay decays every 3-4 steps
+        g = (2 * rng.standard_normal(x0.shape)).astype(dtype)
+        g_copy = g.copy()
+        gpuopt.update(opt, x_fused, g)
+        with np.errstate(all="ignore"):
+            plain.step(x_plain, g)
+        np.testing.assert_array_equal(g, g_copy)  # the baseline does not touch the gradient
+    assert x_plain.dtype == x0.dtype
+    scale = np.abs(x0.astype(np.float64)).max()
+    np.testing.assert_allclose(x_plain.astype(np.float64), x_fused.astype(np.float64),
+                               rtol=TOL[dtype], atol=TOL[dtype] * scale, err_msg=case)
+    assert not np.array_equal(x_plain, x0)
+
+
+def test_unfused_many_tensors_keeps_state_per_tensor():
+    rng = np.random.default_rng(1)
+    params = [rng.standard_normal(n).astype(np.float32) for n in (5, 70, 300)]
+    copies = [p.copy() for p in params]
+    opt, plain = gpuopt.ADAM(0.01), bench.Unfused(gpuopt.ADAM(0.01), np)
+    for _ in range(4):
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+        gpuopt.update(opt, params, grads)
+        plain.step_many(copies, grads)
+    for a, b in zip(params, copies):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unfused_rejects_rules_without_a_formula():
+    with pytest.raises(NotImplementedError, match="SignMomentum"):
+        bench.Unfused(gpuopt.Optimiser(gpuopt.ClipValue(1.0), SignMomentum()), np)
+
+
+# -- options ------------------------------------------------------------------------------
+
+
+def test_parse_sizes():
+    assert bench.parse_sizes("16-18") == [16, 17, 18]
+    assert bench.parse_sizes("12,10") == [10, 12]
+    assert bench.parse_sizes("10, 16-17,10") == [10, 16, 17]
+    for bad in ("", "a", "18-16", "40", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_sizes(bad)
+
+
+def test_parse_rules():
+    everything = bench.parse_rules("all")
+    assert [name for name, _ in everything] == list(bench.RULES)
+    assert len(everything) == 13
+    names = [name for name, _ in bench.parse_rules("adam, clip+wd+adam,Descent,ADAM")]
+    assert names == ["ADAM", bench.CHAIN, "Descent"]
+    (name, factory), = bench.parse_rules("ClipNorm(1)+ADAM(1e-3, (0.9, 0.99))")
+    rule = factory()
+    assert name == "ClipNorm(1)+ADAM(1e-3, (0.9, 0.99))"
+    assert isinstance(rule, gpuopt.Optimiser) and rule[1].beta == (0.9, 0.99)
+    assert factory() is not rule  # a fresh rule (fresh state) each time
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown rule"):
+        bench.parse_rules("ADAMM")
+
+
+def test_gpt2_shapes():
+    shapes = bench.gpt2_shapes()
+    assert len(shapes) == 148
+    assert sum(math.prod(s) for _, s in shapes) == 124_439_808
+    assert dict(shapes)["wte"] == (50257, 768)
+    assert dict(shapes)["h.11.mlp.c_proj.weight"] == (3072, 768)
+
+
+# -- the command -------------------------------------------------------------------------
+
+
+def test_bench_runs_on_numpy_and_writes_json(tiny_run):
+    status, out, report = tiny_run
+    assert status == 0
+    assert {"device", "date", "versions", "config", "copy_bandwidth", "results", "skipped", "model",
+            "targets", "bytes_per_element_check"} <= set(report)
+    assert report["device"]["backend"] == "numpy" and report["device"]["name"]
+    assert {"gpuopt", "numpy", "cupy", "torch"} <= set(report["versions"])
+    assert report["versions"]["gpuopt"] == gpuopt.__version__
+    assert report["copy_bandwidth"]["gbps"] > 0
+    assert report["bytes_per_element_check"]["spec_section_6_float32"] == "ok"
+    got = {(r["rule"], r["log2"]) for r in report["results"]}
+    assert got == {(rule, k) for rule in ("ADAM", "Descent", bench.CHAIN) for k in (10, 12)}
+    for r in report["results"]:
+        assert r["elements"] == 2 ** r["log2"]
+        assert r["bytes_per_element"] == {"ADAM": 28, "Descent": 12, bench.CHAIN: 28}[r["rule"]]
+        assert r["time_s"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0
+        assert math.isclose(r["gbps"], r["bytes"] / r["time_s"] / 1e9)
+        unfused = r["baselines"]["unfused"]
+        assert unfused["time_s"] > 0
+        assert math.isclose(unfused["speedup"], unfused["time_s"] / r["time_s"])
+        assert "torch" not in r["baselines"]  # --no-torch
+    model = report["model"]
+    assert model["tensors"] == 16
+    assert model["parameters"] == sum(math.prod(s) for s in model["shapes"].values())
+    assert {"multi_tensor", "per_tensor_loop", "flat", "unfused_loop"} <= set(model["variants"])
+    statuses = {t["id"]: t["status"] for t in report["targets"]}
+    assert statuses["numpy_adam_vs_plain"] == "not measured"  # 2^24 was not run
+    assert all(statuses[t] == "not measured" for t in statuses if t.startswith("gpu_"))
+    for heading in ("time/step", "GB/s", "% copy", "vs unfused", "targets:", "[not measured]"):
+        assert heading in out
+
+
+def test_json_to_a_directory_is_named_by_device_and_date(tiny_run, tmp_path):
+    path = bench.write_json(tiny_run[2], str(tmp_path) + "/")
+    assert path.startswith(str(tmp_path)) and path.endswith(f"-numpy-float32-{tiny_run[2]['date'][:10]}.json")
+    with open(path, encoding="utf-8") as f:
+        assert json.load(f)["results"] == tiny_run[2]["results"]
+
+
+def test_plot_writes_png(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = bench.plot_report(tiny_run[2], str(tmp_path / "bench.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_fails_before_running(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: pytest.fail("ran without matplotlib"))
+    assert bench.run(_args([*TINY, "--plot", str(tmp_path / "x.png")])) == 2
+    assert "matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the message shown where no GPU is usable")
+def test_backend_cupy_without_gpu(capsys):
+    assert bench.run(_args(["--backend", "cupy", "--no-model"])) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_numpy_target_is_evaluated_at_2_24(monkeypatch):
+    """Only the wiring (ADAM at 2^24 vs its unfused baseline) is tested: times are faked."""
+    report = _synthetic_report("numpy")
+    report["results"] = [_result("ADAM", 24, 0.03, unfused=0.1)]
+    target = {t["id"]: t for t in bench.evaluate_targets(report)}["numpy_adam_vs_plain"]
+    assert target["status"] == "met" and math.isclose(target["value"], 0.3)
+    report["results"] = [_result("ADAM", 24, 0.05, unfused=0.1)]
+    assert {t["id"]: t for t in bench.evaluate_targets(report)}["numpy_adam_vs_plain"]["status"] == "not met"
+
+
+def test_gpu_targets_on_a_synthetic_report():
+    report = _synthetic_report("cupy")
+    copy = report["copy_bandwidth"]["gbps"]
+    ideal = 28 * 2**28 / (copy * 1e9)
+    report["results"] = [
+        _result("ADAM", 28, ideal * 1.05, unfused=ideal * 4, torch_fused=ideal * 1.2, copy=copy),
+        _result(bench.CHAIN, 28, ideal * 1.2, copy=copy),
+    ]
+    report["model"] = {"tensors": 148, "parameters": 124_439_808, "layers": 12, "width": 768,
+                       "dtype": "float32", "variants": {
+        "multi_tensor": {"time_s": 1.0e-3, "host_time_s": 40e-6},
+        "flat": {"time_s": 0.95e-3},
+        "torch_fused": {"time_s": 0.9e-3},
+    }}
+    got = {t["id"]: (t["status"], t["value"]) for t in bench.evaluate_targets(report)}
+    assert got["gpu_adam_copy_bandwidth"][0] == "met"
+    assert math.isclose(got["gpu_adam_copy_bandwidth"][1], 1.05)
+    assert got["gpu_adam_vs_torch_fused"][0] == "met"
+    assert got["gpu_model_vs_torch_fused"][0] == "not met"
+    assert got["gpu_model_vs_flat"][0] == "met"
+    assert got["gpu_host_time"] == ("met", pytest.approx(40.0))
+    assert got["gpu_chain_vs_adam"][0] == "not met"
+    assert got["numpy_adam_vs_plain"][0] == "not measured"
+    report["config"]["dtype"] = "float16"
+    assert all(t["status"] == "not measured" for t in bench.evaluate_targets(report))
+    text = bench.format_report({**report, "targets": bench.evaluate_targets(report)})
+    assert "[not measured]" in text and "vs torch fused" in text
+
+
+def test_progress_display():
+    plain = io.StringIO()
+    progress = bench.Progress(plain)
+    progress("[1/2] step")
+    progress("phase", minor=True)  # only shown on a terminal
+    progress.note("a note")
+    assert plain.getvalue() == "[1/2] step\na note\n"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    progress = bench.Progress(tty)
+    progress("first message")
+    progress("second")
+    progress.close()
+    text = tty.getvalue()
+    assert "\n" not in text and text.count("\r") >= 3 and "second" in text
+
+
+def _synthetic_report(backend: str) -> dict:
+    return {
+        "device": {"backend": backend, "name": "test device"},
+        "config": {"dtype": "float32", "timer": "test", "repeats": 1},
+        "copy_bandwidth": {"gbps": 3000.0, "method": "test"},
+        "results": [], "skipped": [], "model": None, "notes": [],
+    }
+
+
+def _result(rule, log2, time_s, copy=3000.0, **baselines):
+    n = 2**log2
+    bpe = 28
+    return {
+        "rule": rule, "log2": log2, "elements": n, "bytes_per_element": bpe, "bytes": bpe * n,
+        "time_s": time_s, "gbps": bpe * n / time_s / 1e9, "pct_copy": 100 * bpe * n / time_s / 1e9 / copy,
+        "time_at_copy_bw_s": bpe * n / (copy * 1e9),
+        "baselines": {k: {"time_s": v, "speedup": v / time_s} for k, v in baselines.items()},
+    }
