@@ -15,7 +15,7 @@ import pytest
 
 import gpuopt
 from gpuopt.backends import numpy_backend
-from gpuopt.backends.cuda_source import NVRTC_OPTIONS, module_source
+from gpuopt.backends.cuda_source import NVRTC_OPTIONS, cuda_include_options, module_source
 from gpuopt.backends.kernel_backend import CHUNK, KernelBackend
 from gpuopt.plan import plan
 
@@ -37,23 +37,22 @@ def _missing(reason: str) -> None:
 
 def _nvrtc():
     try:
-        from cuda import pathfinder
         from cupy_backends.cuda.libs import nvrtc
 
         nvrtc.getVersion()
-        include = pathfinder.find_nvidia_header_directory("cudart")
-    except Exception as error:  # CuPy, the NVRTC library or the CUDA headers missing
+    except Exception as error:  # CuPy or the NVRTC library missing
         _missing(f"NVRTC is not usable here: {error}")
-    return nvrtc, include
+    if not cuda_include_options():
+        _missing("the CUDA headers (cuda_fp16.h) were not found")
+    return nvrtc
 
 
 def nvrtc_compile(source: str, arch: int) -> bytes:
-    """Compile with NVRTC exactly as given; returns the cubin or raises with the log."""
-    nvrtc, include = _nvrtc()
+    """Compile with NVRTC exactly as given, with the options the CuPy backend uses; returns
+    the cubin or raises with the log."""
+    nvrtc = _nvrtc()
     program = nvrtc.createProgram(source, "gpuopt.cu", [], [])
-    options = [f"-arch=sm_{arch}", *NVRTC_OPTIONS]
-    if include:
-        options.append(f"-I{include}")
+    options = [f"-arch=sm_{arch}", *NVRTC_OPTIONS, *cuda_include_options()]
     try:
         nvrtc.compileProgram(program, options)
     except Exception as error:

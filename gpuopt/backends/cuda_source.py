@@ -217,6 +217,19 @@ def module_source(program: Program, param: np.dtype, grad: np.dtype, apply: bool
 NVRTC_OPTIONS = ("-std=c++17",)
 
 
+@functools.lru_cache(maxsize=1)
+def cuda_include_options() -> tuple[str, ...]:
+    """``-I`` for the CUDA headers (cuda_fp16.h), found the way CuPy 14 finds its toolkit:
+    a pip-installed CUDA runtime, else CUDA_HOME / CUDA_PATH / the system toolkit."""
+    try:
+        from cuda import pathfinder
+
+        include = pathfinder.find_nvidia_header_directory("cudart")
+    except Exception:  # no pathfinder (older CuPy): NVRTC's own search path must do
+        include = None
+    return (f"-I{include}",) if include else ()
+
+
 def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, apply: bool = False) -> str:
     """The complete CUDA source of the kernels ``update(opt, x, dx)`` runs for arrays of
     ``dtype`` (gradients of ``grad_dtype``, default the same), exactly as NVRTC compiles it.

@@ -10,7 +10,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .cuda_source import NVRTC_OPTIONS
+from .cuda_source import NVRTC_OPTIONS, cuda_include_options
 from .kernel_backend import KernelBackend
 
 
@@ -29,7 +29,7 @@ class CupyDevice:
     @functools.cache  # noqa: B019 - one device object lives for the process
     def _module(self, source: str) -> Any:
         self.compiles += 1
-        return self.xp.RawModule(code=source, options=NVRTC_OPTIONS)
+        return self.xp.RawModule(code=source, options=NVRTC_OPTIONS + cuda_include_options())
 
     def kernel(self, source: str, name: str) -> Callable[[int, int, Sequence[Any]], None]:
         function = self._module(source).get_function(name)

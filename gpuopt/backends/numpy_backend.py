@@ -248,8 +248,6 @@ class NumpyExecutor:
                     x_new = self._x_new[: stop - start]
                     np.subtract(vals[self._x_index], vals[result], out=x_new)
                     np.copyto(xb, x_new, casting="same_kind")
-        for i in range(len(vals)):  # drop views of the caller's arrays: state is held weakly
-            vals[i] = None
 
 
 @functools.lru_cache(maxsize=512)
