@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from . import __version__, demo
+from . import __version__, bench, demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpuopt {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo.add_parser(subparsers)
-    # Further subcommands register here, e.g. the benchmark: bench.add_parser(subparsers)
+    bench.add_parser(subparsers)
     return parser
 
 

@@ -19,6 +19,7 @@ from typing import Union
 # Operators and their arity. Comparisons produce booleans that only `where` consumes.
 UNARY = ("neg", "sqrt", "abs")
 BINARY = ("add", "sub", "mul", "div", "max", "min")
+TERNARY = ("clamp",)
 COMPARE = ("gt", "ge", "lt", "le")
 LEAVES = ("x", "g", "load", "scalar", "const", "total_value")
 
@@ -81,7 +82,7 @@ def _lift(value: Operand) -> Node:
 
 def _apply(op: str, *operands: Operand) -> Expr:
     args = tuple(_lift(o) for o in operands)
-    if op in UNARY + BINARY and any(a.is_bool for a in args):
+    if op in UNARY + BINARY + TERNARY and any(a.is_bool for a in args):
         raise TypeError("a comparison can only be used as the condition of where()")
     return Expr(_graph().make(op, args))
 
@@ -174,8 +175,9 @@ def minimum(a: Operand, b: Operand) -> Expr:
 
 
 def clamp(a: Operand, lo: Operand, hi: Operand) -> Expr:
-    """``a`` limited to ``[lo, hi]``."""
-    return minimum(maximum(a, lo), hi)
+    """``a`` limited to ``[lo, hi]`` (for ``lo <= hi``); a NaN stays NaN, as in Julia and
+    PyTorch, so non-finite gradients still propagate through clipping."""
+    return _apply("clamp", a, lo, hi)
 
 
 def where(cond: Expr, a: Operand, b: Operand) -> Expr:

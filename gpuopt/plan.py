@@ -212,6 +212,7 @@ _HOST_OPS = {
     "lt": lambda a, b: a < b,
     "le": lambda a, b: a <= b,
     "where": lambda c, a, b: a if c else b,
+    "clamp": lambda a, lo, hi: float(np.clip(a, lo, hi)),
 }
 
 

@@ -77,6 +77,8 @@ def _expression(program: Program, node: Node, double: bool) -> str:
         return f"{_FUNCTIONS[op][double]}({', '.join(a)})"
     if op == "where":
         return f"{a[0]} ? {a[1]} : {a[2]}"
+    if op == "clamp":  # comparisons, not fminf/fmaxf, so that a NaN stays NaN
+        return f"{a[0]} < {a[1]} ? {a[1]} : ({a[0]} > {a[2]} ? {a[2]} : {a[0]})"
     raise ValueError(f"no CUDA spelling for operation {op!r}")
 
 

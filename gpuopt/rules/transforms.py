@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..expr import sqrt, total, where
+from ..expr import clamp, sqrt, total, where
 from ..rule import Hyper, Rule, non_negative, positive
 
 
@@ -22,8 +22,7 @@ class ClipValue(Rule):
     thresh = Hyper(check=positive)
 
     def step(self, d, x, s, h):
-        # Not clamp(): its fmax/fmin would turn a NaN into -thresh.
-        return where(d > h.thresh, h.thresh, where(d < -h.thresh, -h.thresh, d))
+        return clamp(d, -h.thresh, h.thresh)
 
 
 class ClipNorm(Rule):
