@@ -67,6 +67,10 @@ def resolve(obj: object, what: str) -> Resolved:
     cupy = cupy_module()
     if cupy is not None and isinstance(obj, cupy.ndarray):
         return Resolved("cupy", obj)
+    if getattr(obj, "requires_grad", False) and callable(getattr(obj, "detach", None)):
+        # A torch Parameter refuses to export itself; its detached alias shares the storage,
+        # and the optimiser's in-place write is not something autograd should record.
+        obj = obj.detach()
     if hasattr(obj, "__cuda_array_interface__"):
         return Resolved("cupy", _need_cupy(obj, what).asarray(obj))
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
