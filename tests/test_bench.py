@@ -1,4 +1,4 @@
-"""The benchmark command (gpuopt/bench.py) on NumPy, kept fast: tiny sizes, a tiny model, no
+"""The benchmark command (gpuopt/bench/) on NumPy, kept fast: tiny sizes, a tiny model, no
 PyTorch. Also: bytes per element against SPEC section 6, the unfused baselines against gpuopt's
 NumPy path (the baselines are the same math), and the GPU targets' logic on a synthetic report."""
 

@@ -1,0 +1,82 @@
+"""``python -m gpuopt bench``: time update steps and set them against memory bandwidth and baselines.
+
+For each rule (the twelve optimisers of the seed plus ``Optimiser(ClipValue(1), WeightDecay(1e-4),
+ADAM())``) and each size it measures the time per step of :func:`gpuopt.update` and reports
+
+- GB/s, from the bytes a step must move (:func:`bytes_per_element`, SPEC section 6);
+- the percentage of the copy bandwidth measured in the same run (a device-to-device copy of a
+  large buffer on the GPU, ``np.copyto`` on the CPU);
+- the speedup over baselines measured in the same run: the same rule written as ordinary
+  NumPy/CuPy array expressions (:class:`Unfused`, one whole-array operation at a time), and for
+  ADAM ``torch.optim.Adam`` (``fused=True`` and ``foreach=True`` on CUDA; the default and
+  ``fused=True`` on the CPU) where PyTorch is importable;
+- a model with GPT-2 small's 148 parameter tensors (:func:`gpt2_shapes`, 124M parameters):
+  one multi-tensor ``update`` call against a per-tensor loop, one flat tensor of the same size,
+  the unfused loop and PyTorch, plus the host time of one ``update`` call;
+- the targets of SPEC section 6, each reported as met, not met or not measured.
+
+GPU times come from CUDA events after warm-up; CPU times from ``time.perf_counter``. Each
+figure is the median over repeats, and each repeat runs enough steps to last a few
+milliseconds. The command is wired into ``python -m gpuopt`` through :func:`add_parser` (or
+:func:`add_arguments` and :func:`run`); :func:`benchmark` is the same as a Python call that
+returns the report as a dict (the JSON written by ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .devices import COPY_BYTES, CupyDevice, NumpyDevice, Timing
+from .options import DTYPES, BenchError, Config, _config, add_arguments, parse_rules, parse_sizes
+from .progress import Progress
+from .report import format_report, plot_report, write_json
+from .runner import benchmark
+from .targets import evaluate_targets
+from .unfused import Unfused
+from .workload import CHAIN, RULES, SPEC_BYTES_FLOAT32, bytes_per_element, check_spec_bytes, gpt2_shapes, state_slots
+
+__all__ = [
+    "RULES", "CHAIN", "SPEC_BYTES_FLOAT32", "BenchError", "Unfused", "add_arguments", "add_parser",
+    "benchmark", "bytes_per_element", "check_spec_bytes", "format_report", "gpt2_shapes",
+    "parse_rules", "parse_sizes", "plot_report", "run", "state_slots", "write_json",
+    "COPY_BYTES", "DTYPES", "Config", "CupyDevice", "NumpyDevice", "Progress", "Timing", "evaluate_targets",
+]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` on ``python -m gpuopt``'s subcommands."""
+    p = subparsers.add_parser(
+        "bench",
+        help="time update steps per rule and size against copy bandwidth and baselines",
+        description=(
+            "Time gpuopt.update for each rule and size (CUDA events on a GPU, perf_counter on "
+            "NumPy) and report time per step, GB/s, the percentage of the copy bandwidth "
+            "measured in the same run, speedups over the unfused array-expression formula and "
+            "PyTorch's Adam, a GPT-2-small model comparison and the SPEC section 6 targets."
+        ),
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``bench`` from parsed arguments: 0 on success, 2 on a setting that cannot run,
+    1 with ``--fail-on-targets`` when a measured target is not met."""
+    try:
+        config = _config(args)
+    except BenchError as exc:
+        print(f"gpuopt bench: error: {exc}", file=sys.stderr)
+        return 2
+    report = benchmark(config, Progress(enabled=not getattr(args, "quiet", False)))
+    print(format_report(report), flush=True)
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    if args.plot:
+        print(f"wrote {plot_report(report, args.plot)}")
+    if getattr(args, "fail_on_targets", False) and any(t["status"] == "not met" for t in report["targets"]):
+        return 1
+    return 0

@@ -1,0 +1,116 @@
+"""The targets of SPEC section 6 and the issue, evaluated on a report: met, not met or not measured."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .report import _fmt_time
+from .workload import CHAIN
+
+
+def _find(report: dict[str, Any], rule: str, log2: int | None = None) -> dict[str, Any] | None:
+    matches = [r for r in report["results"] if r["rule"] == rule and (log2 is None or r["log2"] == log2)]
+    return max(matches, key=lambda r: r["log2"]) if matches else None
+
+
+def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target as ``{"id", "description", "status", "value", "limit", "detail"}``, where
+    status is ``met``, ``not met`` or ``not measured`` (with the reason in ``detail``)."""
+    backend = report["device"]["backend"]
+    dtype = report["config"]["dtype"]
+    model = report.get("model") or {}
+    variants = model.get("variants") or {}
+    targets: list[dict[str, Any]] = []
+
+    def target(tid: str, description: str, needs: str, check: Callable[[], tuple[float, str] | str],
+               limit: float, strict: bool = False) -> None:
+        value, detail = None, ""
+        if needs != backend:
+            status = "not measured"
+            detail = f"needs a {'GPU (cupy)' if needs == 'cupy' else 'NumPy'} run; this run used {backend}"
+        elif dtype != "float32":
+            status, detail = "not measured", f"defined for float32; this run used {dtype}"
+        else:
+            outcome = check()
+            if isinstance(outcome, str):
+                status, detail = "not measured", outcome
+            else:
+                value, detail = outcome
+                ok = value < limit if strict else value <= limit
+                status = "met" if ok else "not met"
+        targets.append({"id": tid, "description": description, "status": status, "value": value,
+                        "limit": limit, "detail": detail})
+
+    def adam_copy() -> tuple[float, str] | str:
+        r = _find(report, "ADAM", 28)
+        if r is None:
+            return "ADAM at 2^28 was not measured (--sizes must include 28, --rules ADAM)"
+        ratio = r["time_s"] / r["time_at_copy_bw_s"]
+        return ratio, (f"{_fmt_time(r['time_s'])} per step vs {_fmt_time(r['time_at_copy_bw_s'])} "
+                       f"at copy bandwidth ({r['pct_copy']:.1f}% of copy)")
+
+    def adam_torch() -> tuple[float, str] | str:
+        r = _find(report, "ADAM", 28)
+        if r is None:
+            return "ADAM at 2^28 was not measured"
+        base = r["baselines"].get("torch_fused", {})
+        if "time_s" not in base:
+            why = base.get("error", "PyTorch with CUDA not importable")
+            return f"torch.optim.Adam(fused=True) not measured ({why})"
+        return r["time_s"] / base["time_s"], (f"gpuopt {_fmt_time(r['time_s'])} vs torch fused "
+                                              f"{_fmt_time(base['time_s'])}")
+
+    def model_torch() -> tuple[float, str] | str:
+        if "multi_tensor" not in variants or "time_s" not in variants.get("torch_fused", {}):
+            return "model comparison with torch fused Adam not measured"
+        a, b = variants["multi_tensor"]["time_s"], variants["torch_fused"]["time_s"]
+        return a / b, f"gpuopt {_fmt_time(a)} vs torch fused {_fmt_time(b)} ({model['tensors']} tensors)"
+
+    def model_flat() -> tuple[float, str] | str:
+        if "multi_tensor" not in variants or "flat" not in variants:
+            return "model comparison not measured (--model)"
+        a, b = variants["multi_tensor"]["time_s"], variants["flat"]["time_s"]
+        return a / b, f"{model['tensors']} tensors {_fmt_time(a)} vs one flat tensor {_fmt_time(b)}"
+
+    def host_time() -> tuple[float, str] | str:
+        host = variants.get("multi_tensor", {}).get("host_time_s")
+        if host is None:
+            return "host time not measured (--model)"
+        return host * 1e6, f"median host time of update() on {model['tensors']} tensors, no sync"
+
+    def chain_adam() -> tuple[float, str] | str:
+        common = {r["log2"] for r in report["results"] if r["rule"] == "ADAM"} & {
+            r["log2"] for r in report["results"] if r["rule"] == CHAIN}
+        if not common:
+            return f"ADAM and {CHAIN} not both measured"
+        k = max(common)
+        a, b = _find(report, CHAIN, k)["time_s"], _find(report, "ADAM", k)["time_s"]
+        return a / b, f"at 2^{k}: chain {_fmt_time(a)} vs ADAM {_fmt_time(b)}"
+
+    def numpy_plain() -> tuple[float, str] | str:
+        r = _find(report, "ADAM", 24)
+        if r is None:
+            return "ADAM at 2^24 was not measured (--sizes must include 24)"
+        base = r["baselines"].get("unfused", {})
+        if "time_s" not in base:
+            return "plain NumPy formula not measured (--baselines)"
+        return r["time_s"] / base["time_s"], (f"gpuopt {_fmt_time(r['time_s'])} vs plain NumPy "
+                                              f"{_fmt_time(base['time_s'])}")
+
+    target("gpu_adam_copy_bandwidth", "GPU: ADAM 2^28 float32 within 1.1x of bytes moved / copy bandwidth",
+           "cupy", adam_copy, 1.1)
+    target("gpu_adam_vs_torch_fused", "GPU: ADAM 2^28 float32 no slower than torch.optim.Adam(fused=True)",
+           "cupy", adam_torch, 1.0)
+    target("gpu_model_vs_torch_fused", "GPU: GPT-2 model ADAM no slower than torch.optim.Adam(fused=True)",
+           "cupy", model_torch, 1.0)
+    target("gpu_model_vs_flat", "GPU: 150-tensor model within 1.15x of one flat tensor of the same size",
+           "cupy", model_flat, 1.15)
+    target("gpu_host_time", "GPU: host time per update call (multi-tensor model) under 100 us",
+           "cupy", host_time, 100.0, strict=True)
+    target("gpu_chain_vs_adam", f"GPU: {CHAIN} within 1.05x of ADAM",
+           "cupy", chain_adam, 1.05)
+    target("numpy_adam_vs_plain", "NumPy: ADAM 2^24 float32 at most 0.4x the time of the plain-NumPy formula",
+           "numpy", numpy_plain, 0.4)
+    return targets
+
