@@ -45,25 +45,42 @@ __device__ __forceinline__ gpuopt_tensor gpuopt_read_row(const unsigned long lon
     return r;
 }
 
+// What a block needs to work on chunk c: its tensor, its element range and its host scalars.
+struct gpuopt_chunk {
+    int t;
+    gpuopt_tensor r;
+    long long begin, end;
+    bool aligned;
+    gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];  // a local copy, so it can live in registers
+};
+
+__device__ __forceinline__ void gpuopt_open_chunk(gpuopt_chunk& k, long long c, int tensors,
+                                                  const unsigned long long* table, const long long* chunk_start,
+                                                  int per_tensor, const gpuopt_compute_t* scalars,
+                                                  const gpuopt_compute_t (&shared_h)[GPUOPT_SCALARS_ALLOC]) {
+    k.t = gpuopt_tensor_of(c, chunk_start, tensors);
+    k.r = gpuopt_read_row(table, k.t);
+    k.aligned = gpuopt_all_aligned(k.r.x, k.r.g, k.r.out, k.r.slots);
+    k.begin = (c - chunk_start[k.t]) * GPUOPT_CHUNK;
+    k.end = k.begin + GPUOPT_CHUNK < k.r.n ? k.begin + GPUOPT_CHUNK : k.r.n;
+#pragma unroll
+    for (int j = 0; j < GPUOPT_SCALARS_ALLOC; ++j)
+        k.h[j] = per_tensor ? scalars[(long long)k.t * GPUOPT_SCALARS_ALLOC + j] : shared_h[j];
+}
+
 extern "C" __global__ void gpuopt_multi_tensor(const int tensors, const long long chunks,
                                                const unsigned long long* table, const long long* chunk_start,
                                                const int per_tensor, const gpuopt_compute_t* scalars,
                                                const double* totals GPUOPT_SCALAR_PARAMS) {
     const gpuopt_compute_t shared_h[GPUOPT_SCALARS_ALLOC] = GPUOPT_SCALAR_LIST;
     for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
-        const int t = gpuopt_tensor_of(c, chunk_start, tensors);
-        const gpuopt_tensor r = gpuopt_read_row(table, t);
-        const bool aligned = gpuopt_all_aligned(r.x, r.g, r.out, r.slots);
-        const long long begin = (c - chunk_start[t]) * GPUOPT_CHUNK;
-        const long long end = begin + GPUOPT_CHUNK < r.n ? begin + GPUOPT_CHUNK : r.n;
-        gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];  // a local copy, so it can live in registers
-#pragma unroll
-        for (int j = 0; j < GPUOPT_SCALARS_ALLOC; ++j)
-            h[j] = per_tensor ? scalars[(long long)t * GPUOPT_SCALARS_ALLOC + j] : shared_h[j];
-        const double* tot = totals + (long long)t * GPUOPT_TOTALS_ALLOC;
-        for (long long i = begin + (long long)threadIdx.x * GPUOPT_VEC; i < end;
+        gpuopt_chunk k;
+        gpuopt_open_chunk(k, c, tensors, table, chunk_start, per_tensor, scalars, shared_h);
+        const double* tot = totals + (long long)k.t * GPUOPT_TOTALS_ALLOC;
+        for (long long i = k.begin + (long long)threadIdx.x * GPUOPT_VEC; i < k.end;
              i += (long long)blockDim.x * GPUOPT_VEC)
-            gpuopt_update_group(i, end, aligned && i + GPUOPT_VEC <= end, r.x, r.g, r.out, r.slots, h, tot);
+            gpuopt_update_group(i, k.end, k.aligned && i + GPUOPT_VEC <= k.end, k.r.x, k.r.g, k.r.out, k.r.slots,
+                                k.h, tot);
     }
 }
 
@@ -77,23 +94,18 @@ extern "C" __global__ void gpuopt_multi_reduce(const int level, const int tensor
                                                GPUOPT_SCALAR_PARAMS) {
     const gpuopt_compute_t shared_h[GPUOPT_SCALARS_ALLOC] = GPUOPT_SCALAR_LIST;
     for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
-        const int t = gpuopt_tensor_of(c, chunk_start, tensors);
-        const gpuopt_tensor r = gpuopt_read_row(table, t);
-        const bool aligned = gpuopt_all_aligned(r.x, r.g, r.x, r.slots);
-        const long long begin = (c - chunk_start[t]) * GPUOPT_CHUNK;
-        const long long end = begin + GPUOPT_CHUNK < r.n ? begin + GPUOPT_CHUNK : r.n;
-        gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];  // a local copy, so it can live in registers
-#pragma unroll
-        for (int j = 0; j < GPUOPT_SCALARS_ALLOC; ++j)
-            h[j] = per_tensor ? scalars[(long long)t * GPUOPT_SCALARS_ALLOC + j] : shared_h[j];
-        double* tot = totals + (long long)t * GPUOPT_TOTALS_ALLOC;
+        gpuopt_chunk k;
+        gpuopt_open_chunk(k, c, tensors, table, chunk_start, per_tensor, scalars, shared_h);
+        double* tot = totals + (long long)k.t * GPUOPT_TOTALS_ALLOC;
         double acc[GPUOPT_TERMS];
 #pragma unroll
-        for (int k = 0; k < GPUOPT_TERMS; ++k) acc[k] = 0.0;
-        for (long long i = begin + (long long)threadIdx.x * GPUOPT_VEC; i < end;
+        for (int j = 0; j < GPUOPT_TERMS; ++j) acc[j] = 0.0;
+        for (long long i = k.begin + (long long)threadIdx.x * GPUOPT_VEC; i < k.end;
              i += (long long)blockDim.x * GPUOPT_VEC)
-            gpuopt_terms_group(level, i, end, aligned && i + GPUOPT_VEC <= end, r.x, r.g, r.slots, h, tot, acc);
-        gpuopt_finish_parts(level, acc, partials, c, chunk_start[t], chunk_start[t + 1] - chunk_start[t], done + t, tot);
+            gpuopt_terms_group(level, i, k.end, k.aligned && i + GPUOPT_VEC <= k.end, k.r.x, k.r.g, k.r.slots, k.h,
+                               tot, acc);
+        const long long first = chunk_start[k.t];
+        gpuopt_finish_parts(level, acc, partials, c, first, chunk_start[k.t + 1] - first, done + k.t, tot);
     }
 }
 #endif

@@ -16,9 +16,26 @@ def _eps() -> Hyper:
     return Hyper(EPS, non_negative, keyword_only=True)
 
 
-def _bias_corrections(beta: tuple[float, float], t: int) -> dict[str, float]:
-    b1, b2 = beta
-    return {"b1": b1, "b2": b2, "c1": 1.0 - b1**t, "c2": 1.0 - b2**t}
+class _Moments(Rule):
+    """What the ADAM family shares: ``eta``, ``beta = (b1, b2)``, ``eps``; the host scalars
+    ``b1``, ``b2`` and the bias corrections ``c1 = 1 - b1^t``, ``c2 = 1 - b2^t``; and the
+    moment updates ``m = b1*m + (1-b1)*d``, ``v = b2*v + (1-b2)*d^2``."""
+
+    eta = Hyper(0.001, non_negative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    eps = _eps()
+
+    def host(self, t):
+        b1, b2 = self.beta
+        return {"b1": b1, "b2": b2, "c1": 1.0 - b1**t, "c2": 1.0 - b2**t}
+
+    @staticmethod
+    def first_moment(d, s, h):
+        s.m = h.b1 * s.m + (1 - h.b1) * d
+
+    @staticmethod
+    def second_moment(d, s, h):
+        s.v = h.b2 * s.v + (1 - h.b2) * d**2
 
 
 class RMSProp(Rule):
@@ -38,37 +55,28 @@ class RMSProp(Rule):
         return d * h.eta / (sqrt(s.acc) + h.eps)
 
 
-class ADAM(Rule):
+class ADAM(_Moments):
     """ADAM with learning rate ``eta`` and moment decays ``beta = (b1, b2)``.
 
     Same values as ``torch.optim.Adam(lr=eta, betas=beta, eps=1e-8)``.
     """
 
-    eta = Hyper(0.001, non_negative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    eps = _eps()
     state = {"m": 0.0, "v": 0.0}
 
-    def host(self, t):
-        return _bias_corrections(self.beta, t)
-
     def step(self, d, x, s, h):
-        s.m = h.b1 * s.m + (1 - h.b1) * d
-        s.v = h.b2 * s.v + (1 - h.b2) * d**2
+        self.first_moment(d, s, h)
+        self.second_moment(d, s, h)
         return s.m / h.c1 / (sqrt(s.v / h.c2) + h.eps) * h.eta
 
 
-class RADAM(Rule):
+class RADAM(_Moments):
     """Rectified ADAM: ADAM whose adaptive term is switched on, and scaled by the
     rectification ``r``, once the variance estimate is tractable (``rho > 4``)."""
 
-    eta = Hyper(0.001, non_negative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    eps = _eps()
     state = {"m": 0.0, "v": 0.0}
 
     def host(self, t):
-        scalars = _bias_corrections(self.beta, t)
+        scalars = super().host(t)
         b2 = self.beta[1]
         rho_inf = 2.0 / (1.0 - b2) - 1.0
         rho = rho_inf - 2.0 * t * b2**t / (1.0 - b2**t)
@@ -82,28 +90,22 @@ class RADAM(Rule):
         return scalars
 
     def step(self, d, x, s, h):
-        s.m = h.b1 * s.m + (1 - h.b1) * d
-        s.v = h.b2 * s.v + (1 - h.b2) * d**2
+        self.first_moment(d, s, h)
+        self.second_moment(d, s, h)
         adaptive = s.m / h.c1 / (sqrt(s.v / h.c2) + h.eps) * h.eta * h.r
         return where(h.rectified > 0.5, adaptive, s.m / h.c1 * h.eta)
 
 
-class AdaMax(Rule):
+class AdaMax(_Moments):
     """AdaMax, the infinity-norm variant of ADAM.
 
     ``m = b1*m+(1-b1)*d; u = max(b2*u, |d|); d = (eta/(1-b1^t)) * m/(u+eps)``.
     """
 
-    eta = Hyper(0.001, non_negative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    eps = _eps()
     state = {"m": 0.0, "u": 0.0}
 
-    def host(self, t):
-        return _bias_corrections(self.beta, t)
-
     def step(self, d, x, s, h):
-        s.m = h.b1 * s.m + (1 - h.b1) * d
+        self.first_moment(d, s, h)
         s.u = maximum(h.b2 * s.u, abs(d))
         return (h.eta / h.c1) * s.m / (s.u + h.eps)
 
@@ -142,43 +144,34 @@ class ADADelta(Rule):
         return d
 
 
-class AMSGrad(Rule):
+class AMSGrad(_Moments):
     """AMSGrad: ADAM with the running maximum of the second moment, no bias correction.
 
     ``m``, ``v`` and ``vhat`` all start at ``eps``.
     """
 
-    eta = Hyper(0.001, non_negative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    eps = _eps()
     state = {"m": "eps", "v": "eps", "vhat": "eps"}
 
-    def host(self, t):
-        return _bias_corrections(self.beta, t)
-
     def step(self, d, x, s, h):
-        s.m = h.b1 * s.m + (1 - h.b1) * d
-        s.v = h.b2 * s.v + (1 - h.b2) * d**2
+        self.first_moment(d, s, h)
+        self.second_moment(d, s, h)
         s.vhat = maximum(s.vhat, s.v)
         return h.eta * s.m / (sqrt(s.vhat) + h.eps)
 
 
-class NADAM(Rule):
+class NADAM(_Moments):
     """NADAM: ADAM with Nesterov momentum."""
 
-    eta = Hyper(0.001, non_negative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    eps = _eps()
     state = {"m": 0.0, "v": 0.0}
 
     def host(self, t):
-        scalars = _bias_corrections(self.beta, t)
+        scalars = super().host(t)
         scalars["n1"] = 1.0 - self.beta[0] * self.beta[0] ** t
         return scalars
 
     def step(self, d, x, s, h):
-        s.m = h.b1 * s.m + (1 - h.b1) * d
-        s.v = h.b2 * s.v + (1 - h.b2) * d**2
+        self.first_moment(d, s, h)
+        self.second_moment(d, s, h)
         return (h.b1 * s.m / h.n1 + (1 - h.b1) * d / h.c1) / (sqrt(s.v * h.b2 / h.c2) + h.eps) * h.eta
 
 
