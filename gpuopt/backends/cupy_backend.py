@@ -31,8 +31,12 @@ class CupyDevice:
         self.compiles += 1
         return self.xp.RawModule(code=source, options=NVRTC_OPTIONS + cuda_include_options())
 
+    @functools.cache  # noqa: B019 - looked up on every launch
+    def _function(self, source: str, name: str, gpu: int) -> Any:
+        return self._module(source).get_function(name)  # loaded on the current GPU
+
     def kernel(self, source: str, name: str) -> Callable[[int, int, Sequence[Any]], None]:
-        function = self._module(source).get_function(name)
+        function = self._function(source, name, self.xp.cuda.runtime.getDevice())
         return lambda blocks, threads, args: function((blocks,), (threads,), tuple(args))
 
     @staticmethod

@@ -6,6 +6,8 @@ Launch policy for one ``update`` call, per (param dtype, grad dtype) group of ar
 - otherwise (several arrays, or a chain with ``total()`` such as ClipNorm): one
   ``gpuopt_multi_reduce`` launch per reduction pass, then one ``gpuopt_multi_tensor``
   launch. Their table of pointers and sizes is rebuilt only when the arrays change.
+- a collection update repeated on the same arrays (``prepare``): the multi-tensor kernels
+  always, launched with nothing but the host scalars computed anew.
 
 The host logic here is written against a :class:`Device`: CuPy on a GPU, or (in the tests)
 the same CUDA text compiled for the CPU, so the tables and chunking are tested without a GPU.
@@ -47,8 +49,6 @@ class _Tables:
     host_table: np.ndarray | None = None
     table: Any = None
     chunk_start: Any = None
-    host_scalars: np.ndarray | None = None
-    scalars: Any = None
     totals: Any = None
     partials: Any = None
     done: Any = None
@@ -69,7 +69,7 @@ class KernelBackend:
     def __init__(self, device: Device):
         self.device = device
         self.xp = device.xp
-        self._tables: dict[tuple, _Tables] = {}
+        self._tables: dict[str, _Tables] = {}  # by module source
         self._counters: list[LaunchCounter] = []
         self._null = None
 
