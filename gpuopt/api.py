@@ -149,8 +149,9 @@ class _Prepared:
         return (
             len(params) == len(self.params)
             and len(grads) == len(self.grads)
-            and all(ref() is p for ref, p in zip(self.params, params))
-            and all(ref() is g for ref, g in zip(self.grads, grads))
+            # `is not None`: a dead reference returns None, which must not match a None argument
+            and all(p is not None and ref() is p for ref, p in zip(self.params, params))
+            and all(g is not None and ref() is g for ref, g in zip(self.grads, grads))
             and opt.leaves() == self.leaves
             and plan(opt) is self.program
             and tuple(leaf.state_version for leaf in self.leaves) == self.versions

@@ -418,3 +418,19 @@ def test_prepared_update_keeps_state_weakly_held(on_kernels):
     del params
     gc.collect()
     assert len(opt._state) == 0 and "_prepared" not in vars(opt)
+
+
+def test_prepared_update_never_mistakes_a_none_gradient_for_a_dead_one(on_kernels):
+    import gc
+
+    on_kernels(True)
+    opt = gpuopt.Descent(0.5)
+    params = [np.ones(10, np.float32), np.ones(20, np.float32)]
+    grads = [np.ones(10, np.float32), np.ones(20, np.float32)]
+    gpuopt.update(opt, params, grads)
+    gpuopt.update(opt, params, grads)  # prepared on these gradient arrays
+    del grads
+    gc.collect()
+    gpuopt.update(opt, params, [None, np.ones(20, np.float32)])  # the first is skipped now
+    np.testing.assert_array_equal(params[0], 0.0)
+    np.testing.assert_array_equal(params[1], -0.5)
