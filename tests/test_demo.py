@@ -14,7 +14,8 @@ import pytest
 import gpuopt
 from gpuopt import demo
 from gpuopt.__main__ import main
-from gpuopt.demo import loss_and_grads, parse_optimiser
+from gpuopt.demo import loss_and_grads
+from gpuopt.expressions import parse_optimiser
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(r"^step +(\d+)/(\d+) +loss ([\d.]+) +acc +([\d.]+)%", re.M)

@@ -46,7 +46,7 @@ def _split_top_level(text: str) -> list[str]:
 def parse_rules(text: str) -> list[tuple[str, Callable[[], Rule]]]:
     """``--rules``: ``all``, or a comma list of names from :data:`RULES` (case-insensitive;
     ``Clip+WD+ADAM`` is the chain) or optimiser expressions such as ``ClipNorm(1)+ADAM(1e-3)``
-    (read by :func:`gpuopt.demo.parse_optimiser`, never evaluated as Python)."""
+    (read by :func:`gpuopt.expressions.parse_optimiser`, never evaluated as Python)."""
     if text.strip().lower() == "all":
         return list(RULES.items())
     by_lower = {name.lower(): name for name in RULES}
@@ -57,7 +57,7 @@ def parse_rules(text: str) -> list[tuple[str, Callable[[], Rule]]]:
         if name is not None:
             factory = RULES[name]
         else:
-            from ..demo import parse_optimiser
+            from ..expressions import parse_optimiser
 
             try:
                 parse_optimiser(item)

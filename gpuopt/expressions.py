@@ -1,0 +1,145 @@
+"""Optimiser expressions from the command line: ``ADAM``, ``ADAM(1e-3)``,
+``ClipNorm(1)+ADAM(1e-3)``, ``Optimiser(ExpDecay(0.01), Momentum())``.
+
+:func:`parse_optimiser` walks the syntax tree itself and never calls ``eval``: only gpuopt
+rule names, numbers, tuples, keyword arguments and ``+`` (chaining) are accepted.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from typing import Any
+
+from .chain import Optimiser
+from .rule import Rule
+
+__all__ = ["parse_optimiser", "rule_names"]
+
+#: longest expression accepted: the parser recurses, so bound the input before parsing it
+MAX_EXPRESSION = 1000
+
+
+def rule_names() -> dict[str, type[Rule]]:
+    """Every rule class gpuopt exports, by exported name (aliases such as ``Adam`` included)."""
+    import gpuopt
+
+    names = {}
+    for name in gpuopt.__all__:
+        obj = getattr(gpuopt, name)
+        if isinstance(obj, type) and issubclass(obj, Rule) and obj is not Rule:
+            names[name] = obj
+    return names
+
+
+def _lookup(name: str) -> type[Rule]:
+    names = rule_names()
+    if name in names:
+        return names[name]
+    # Case-insensitive when it is unambiguous ("adam", "rmsprop", "sgd"): aliases of one
+    # class are not ambiguous.
+    matches = {cls for known, cls in names.items() if known.lower() == name.lower()}
+    if len(matches) == 1:
+        return matches.pop()
+    close = difflib.get_close_matches(name, list(names), n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ValueError(f"unknown rule name {name!r}{hint} (known: {', '.join(sorted(names))})")
+
+
+def _chain(left: Rule, right: Rule) -> Optimiser:
+    # ``a + b + c`` is one flat chain; only plain Optimisers are flattened (ADAMW is a rule).
+    members = []
+    for part in (left, right):
+        members.extend(part.rules if type(part) is Optimiser else [part])
+    return Optimiser(*members)
+
+
+_ALLOWED = (
+    "only rule names (ADAM, Momentum, ...), calls of them, numbers, tuples, keyword "
+    "arguments and + between rules are allowed"
+)
+
+
+def _evaluate(node: ast.AST, source: str) -> Any:
+    """Value of one node of an optimiser expression; ValueError for anything not allowed."""
+    def text(n: ast.AST) -> str:
+        return ast.get_source_segment(source, n) or ast.dump(n)
+
+    if isinstance(node, ast.Constant):
+        value = node.value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{text(node)!r} is not allowed: {_ALLOWED}")
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _evaluate(node.operand, source)
+        if isinstance(value, Rule):
+            raise ValueError(f"{text(node)!r}: a sign applies to numbers, not rules")
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, (ast.Tuple, ast.List)):
+        values = tuple(_evaluate(e, source) for e in node.elts)
+        if any(isinstance(v, Rule) for v in values):
+            raise ValueError(
+                f"{text(node)!r}: rules cannot go in a tuple; chain them with + or Optimiser(...)")
+        return values
+    if isinstance(node, ast.Name):
+        return _construct(_lookup(node.id), [], {}, text(node))  # a bare name: the defaults
+    if isinstance(node, ast.Call):
+        if isinstance(node.func, ast.Attribute):
+            raise ValueError(f"{text(node.func)!r}: attribute access is not allowed; {_ALLOWED}")
+        if not isinstance(node.func, ast.Name):
+            raise ValueError(f"{text(node.func)!r} cannot be called: {_ALLOWED}")
+        cls = _lookup(node.func.id)  # an unknown name fails before its arguments are read
+        args = []
+        for arg in node.args:
+            if isinstance(arg, ast.Starred):
+                raise ValueError(f"{text(arg)!r}: *arguments are not allowed")
+            args.append(_evaluate(arg, source))
+        kwargs = {}
+        for kw in node.keywords:
+            if kw.arg is None:
+                raise ValueError(f"{text(kw)!r}: **arguments are not allowed")
+            kwargs[kw.arg] = _evaluate(kw.value, source)
+        return _construct(cls, args, kwargs, text(node))
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _evaluate(node.left, source), _evaluate(node.right, source)
+        for side, value in ((node.left, left), (node.right, right)):
+            if not isinstance(value, Rule):
+                raise ValueError(f"{text(node)!r}: + chains rules, but {text(side)!r} is not a rule")
+        return _chain(left, right)
+    if isinstance(node, ast.Attribute):
+        raise ValueError(f"{text(node)!r}: attribute access is not allowed; {_ALLOWED}")
+    raise ValueError(f"{text(node)!r} is not allowed: {_ALLOWED}")
+
+
+def _construct(cls: type[Rule], args: list[Any], kwargs: dict[str, Any], where: str) -> Rule:
+    try:
+        return cls(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def parse_optimiser(text: str) -> Rule:
+    """Build an optimiser from an expression such as ``"ClipNorm(1) + ADAM(1e-3)"``.
+
+    Allowed: gpuopt rule names (alone for the defaults, or called), numeric literals (with a
+    sign), tuples, keyword arguments and ``+`` to chain rules into an :class:`Optimiser`.
+    Anything else (attribute access, other names, strings, operators) is a ``ValueError``;
+    the text is parsed with :mod:`ast` and never evaluated as Python.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"an optimiser expression is a string, got {type(text).__name__}")
+    source = text.strip()
+    if not source:
+        raise ValueError("empty optimiser expression")
+    if len(source) > MAX_EXPRESSION:
+        raise ValueError(f"optimiser expression is longer than {MAX_EXPRESSION} characters")
+    try:
+        tree = ast.parse(source, mode="eval")
+        value = _evaluate(tree.body, source)
+    except SyntaxError as exc:
+        raise ValueError(f"cannot parse optimiser {source!r}: {exc.msg}") from None
+    except RecursionError:
+        raise ValueError("optimiser expression is nested too deeply") from None
+    if not isinstance(value, Rule):
+        raise ValueError(f"{source!r} is not an optimiser (it is the value {value!r})")
+    return value
