@@ -434,3 +434,21 @@ def test_prepared_update_never_mistakes_a_none_gradient_for_a_dead_one(on_kernel
     gpuopt.update(opt, params, [None, np.ones(20, np.float32)])  # the first is skipped now
     np.testing.assert_array_equal(params[0], 0.0)
     np.testing.assert_array_equal(params[1], -0.5)
+
+
+@pytest.mark.parametrize("param, grad", [("float32", "float16"), ("float64", "float32"), ("float16", "float32")])
+def test_gradient_dtype_other_than_the_parameters(param, grad, on_kernels):
+    results = []
+    for use_kernels in (True, False):
+        on_kernels(use_kernels)
+        opt = CHAINS["ClipNorm+ADAM"]()
+        rng = np.random.default_rng(11)
+        params = [rng.standard_normal(n).astype(param) for n in (1001, 17)]
+        for _ in range(6):
+            grads = [rng.standard_normal(p.shape).astype(grad) for p in params]
+            gpuopt.update(opt, params, grads)
+            gpuopt.update(opt, params[0], grads[0])
+        results.append(params)
+    for a, b in zip(*results):
+        assert a.dtype == np.dtype(param)
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=1e-6, atol=1e-7)
