@@ -215,8 +215,11 @@ def module_source(program: Program, param: np.dtype, grad: np.dtype, apply: bool
     return "\n".join(parts)
 
 
-#: NVRTC options used for every module (and by the tests that compile for sm_80 / sm_90)
-NVRTC_OPTIONS = ("-std=c++17",)
+#: NVRTC options used for every module (and by the tests that compile for sm_80 / sm_90).
+#: No contraction into fused multiply-adds: the kernels then round exactly as the NumPy
+#: executor does, so both backends agree to the last bit, and an update is memory-bound, so
+#: FMA would buy no time.
+NVRTC_OPTIONS = ("-std=c++17", "--fmad=false")
 
 
 @functools.lru_cache(maxsize=1)
