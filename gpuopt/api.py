@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -149,9 +151,8 @@ class _Prepared:
         return (
             len(params) == len(self.params)
             and len(grads) == len(self.grads)
-            # `is not None`: a dead reference returns None, which must not match a None argument
-            and all(p is not None and ref() is p for ref, p in zip(self.params, params))
-            and all(g is not None and ref() is g for ref, g in zip(self.grads, grads))
+            and _same_objects(self.params, params)
+            and _same_objects(self.grads, grads)
             and opt.leaves() == self.leaves
             and plan(opt) is self.program
             and tuple(leaf.state_version for leaf in self.leaves) == self.versions
@@ -166,6 +167,17 @@ class _Prepared:
         self.t = [t + 1 for t in self.t]
         for state in self.states:
             state.t += 1
+
+
+def _same_objects(refs: list[weakref.ref], objects: list) -> bool:
+    """Whether ``objects`` are the referenced objects, in order (C-speed loops: this runs on
+    every call). None never matches, since a dead reference also returns None."""
+    return all(map(operator.is_, map(_deref, refs), objects)) and not any(
+        map(operator.is_, objects, itertools.repeat(None))
+    )
+
+
+_deref = weakref.ref.__call__
 
 
 def _fast_path(opt: Rule, params: Any, grads: Any) -> bool:
