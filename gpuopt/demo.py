@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from .api import update
-from .dispatch import cupy_module, gpu_available
+from .cli import choose_backend, positive_int
+from .dispatch import cupy_module
 from .expressions import parse_optimiser
 from .rule import Rule
 
@@ -119,15 +120,10 @@ class DemoError(Exception):
 
 def pick_backend(name: str) -> str:
     """``auto`` is CuPy only where a GPU is usable; ``cupy`` without one is a DemoError."""
-    if name == "auto":
-        return "cupy" if gpu_available() else "numpy"
-    if name == "cupy" and not gpu_available():
-        why = ("CuPy is not installed (pip install 'gpuopt[cuda12]')" if cupy_module() is None
-               else "CuPy cannot see a usable CUDA GPU")
-        raise DemoError(f"--backend cupy needs a GPU, but {why}; use --backend numpy or auto")
-    if name not in ("numpy", "cupy"):
-        raise DemoError(f"unknown backend {name!r}; expected auto, numpy or cupy")
-    return name
+    try:
+        return choose_backend(name)
+    except ValueError as exc:
+        raise DemoError(str(exc)) from None
 
 
 @dataclass
@@ -250,16 +246,6 @@ def _optimiser_arg(text: str) -> Rule:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``demo`` on ``python -m gpuopt``'s subcommands."""
     p = subparsers.add_parser(
@@ -277,17 +263,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--optimiser", "--optimizer", type=_optimiser_arg, default=DEFAULT_OPTIMISER,
                    metavar="EXPR", help=f"optimiser expression (default: {DEFAULT_OPTIMISER})")
-    p.add_argument("--steps", type=_positive_int, default=500, help="training steps (default: 500)")
+    p.add_argument("--steps", type=positive_int, default=500, help="training steps (default: 500)")
     p.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
                    help="array backend; auto picks cupy only where a GPU is usable (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, weights and batches (default: 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size (default: 64)")
-    p.add_argument("--hidden", type=_positive_int, default=32, help="hidden units (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="minibatch size (default: 64)")
+    p.add_argument("--hidden", type=positive_int, default=32, help="hidden units (default: 32)")
     p.add_argument("--dataset", choices=DATASETS, default="blobs", help="synthetic data set (default: blobs)")
     p.add_argument("--classes", type=int, default=4, help="number of classes (default: 4)")
     p.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                    help="hidden activation (default: tanh)")
-    p.add_argument("--log-every", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--log-every", type=positive_int, default=None, metavar="N",
                    help="print progress every N steps (default: steps/10)")
     p.set_defaults(func=run)
     return p

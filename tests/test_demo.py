@@ -168,7 +168,7 @@ def test_cli_rejects_unsafe_optimiser(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_cupy_backend_without_gpu_fails_cleanly(capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo, "gpu_available", lambda: False)
+    monkeypatch.setattr(gpuopt.cli, "gpu_available", lambda: False)  # where the backend is chosen
     assert main(["demo", "--backend", "cupy", "--steps", "5"]) == 2
     captured = capsys.readouterr()
     assert "error: --backend cupy needs a GPU" in captured.err

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dispatch import cupy_module, gpu_available
+from ..cli import choose_backend, non_negative_int, positive_int
 from ..rule import Rule
 from .workload import _ALIASES, RULES
 
@@ -101,26 +101,6 @@ def parse_sizes(text: str) -> list[int]:
     return sorted(sizes)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the benchmark's options on ``parser``."""
     parser.add_argument("--rules", type=parse_rules, default="all", metavar="LIST",
@@ -133,10 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parameter dtype (default: float32)")
     parser.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
                         help="array backend; auto picks cupy only where a GPU is usable (default: auto)")
-    parser.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--repeats", type=positive_int, default=None, metavar="N",
                         help="timed repeats per measurement, the median is reported "
                              "(default: 20 on a GPU, 5 on NumPy)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=None, metavar="N",
+    parser.add_argument("--warmup", type=non_negative_int, default=None, metavar="N",
                         help="untimed steps before timing (default: 3 on a GPU, 1 on NumPy)")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="write the results as JSON to PATH (a directory: a file named by "
@@ -146,9 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action=argparse.BooleanOptionalAction, default=True,
                         help="compare one multi-tensor update of GPT-2 small's 148 tensors with a "
                              "per-tensor loop, one flat tensor and PyTorch (default: on)")
-    parser.add_argument("--model-layers", type=_positive_int, default=12, metavar="N",
+    parser.add_argument("--model-layers", type=positive_int, default=12, metavar="N",
                         help="transformer blocks of the model (default: 12, GPT-2 small)")
-    parser.add_argument("--model-width", type=_positive_int, default=768, metavar="N",
+    parser.add_argument("--model-width", type=positive_int, default=768, metavar="N",
                         help="embedding width of the model (default: 768, GPT-2 small)")
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                         help="time the unfused array-expression baselines (default: on)")
@@ -177,15 +157,10 @@ class Config:
 
 
 def _pick_backend(name: str) -> str:
-    if name == "auto":
-        return "cupy" if gpu_available() else "numpy"
-    if name == "cupy" and not gpu_available():
-        why = ("CuPy is not installed (pip install 'gpuopt[cuda12]')" if cupy_module() is None
-               else "CuPy cannot see a usable CUDA GPU")
-        raise BenchError(f"--backend cupy needs a GPU, but {why}; use --backend numpy or auto")
-    if name not in ("numpy", "cupy"):
-        raise BenchError(f"unknown backend {name!r}; expected auto, numpy or cupy")
-    return name
+    try:
+        return choose_backend(name)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def _config(args: argparse.Namespace) -> Config:
