@@ -21,7 +21,6 @@ UNARY = ("neg", "sqrt", "abs")
 BINARY = ("add", "sub", "mul", "div", "max", "min")
 TERNARY = ("clamp",)
 COMPARE = ("gt", "ge", "lt", "le")
-LEAVES = ("x", "g", "load", "scalar", "const", "total_value")
 
 
 @dataclass(eq=False)
