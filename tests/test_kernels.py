@@ -452,3 +452,12 @@ def test_gradient_dtype_other_than_the_parameters(param, grad, on_kernels):
     for a, b in zip(*results):
         assert a.dtype == np.dtype(param)
         np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=1e-6, atol=1e-7)
+
+
+def test_state_rows_start_aligned_for_any_size(emulated_backend):
+    for size in (1, 7, 1001, 70001):
+        state = emulated_backend.full_state([0.0, 1.0, 2.0], size, np.dtype(np.float32))
+        assert state.shape == (3, size)
+        strides = {row.ctypes.data - state[0].ctypes.data for row in state}
+        assert all(offset % 256 == 0 for offset in strides)  # same alignment as row 0
+        np.testing.assert_array_equal(state[:, -1], [0.0, 1.0, 2.0])

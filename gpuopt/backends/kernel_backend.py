@@ -28,6 +28,7 @@ from .numpy_backend import compute_dtype
 
 CHUNK = 65536  # elements per chunk of the multi-tensor kernels (GPUOPT_CHUNK in kernels/)
 VEC = 4  # elements per thread per iteration (GPUOPT_VEC)
+ROW_ALIGN = 64  # state rows start every 64 elements: 256 bytes for float32, whole cache lines
 
 
 class Device(Protocol):
@@ -76,7 +77,10 @@ class KernelBackend:
     # -- what the API layer needs --------------------------------------------------------
 
     def full_state(self, initial: Sequence[float], size: int, dtype: np.dtype) -> Any:
-        state = self.xp.empty((len(initial), size), dtype=dtype)
+        # Rows padded to a multiple of ROW_ALIGN elements, so that every slot of an array of
+        # any size starts aligned for vector access; the state is the unpadded view.
+        padded = -(-size // ROW_ALIGN) * ROW_ALIGN
+        state = self.xp.empty((len(initial), padded), dtype=dtype)[:, :size]
         for i, value in enumerate(initial):
             state[i].fill(value)
         return state
