@@ -103,13 +103,18 @@ def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved,
     step_counts = tuple(state.t + 1 for state in states)
     scalars = cache.get(step_counts)
     if scalars is None:
-        values = []
-        for leaf, t in zip(leaves, step_counts):
-            leaf.advance(t)
-            values.append(leaf.scalars(t))
-        scalars = cache[step_counts] = program.host_scalars([values[ref.rule][ref.name] for ref in program.scalars])
+        scalars = cache[step_counts] = _step_scalars(program, leaves, step_counts)
     slots = [states[ref.rule].slots[ref.position] for ref in program.slots]
     return Job(key, x.array, g.array, slots, scalars)
+
+
+def _step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[int, ...]) -> list[float]:
+    """Run each rule's host schedule for its next step, then collect the kernel's scalars."""
+    values = []
+    for leaf, t in zip(leaves, step_counts):
+        leaf.advance(t)
+        values.append(leaf.scalars(t))
+    return program.host_scalars([values[ref.rule][ref.name] for ref in program.scalars])
 
 
 def _advance(opt: Rule, jobs: list[Job]) -> None:
@@ -126,7 +131,9 @@ class _Prepared:
     and the kernels launched.
 
     It holds weak references to the arrays (state stays weakly held: the record is dropped
-    when any parameter dies), the device tables, and the step counts to advance.
+    when any parameter dies), the device tables, and the states whose step counts advance.
+    Any other change of state (another update or apply, reset, a checkpoint load) bumps the
+    rules' state_version, which makes the record stale.
     """
 
     def __init__(self, opt: Rule, program: Program, params: list, grads: list, jobs: list[Job],
@@ -144,7 +151,6 @@ class _Prepared:
         self.params = [weakref.ref(p, forget) for p in params]
         self.grads = [weakref.ref(g) for g in grads]
         self.states = [leaf.state_for(job.key) for job in jobs for leaf in self.leaves]
-        self.t = [leaf.state_for(jobs[0].key).t for leaf in self.leaves]
         self.launch = launch
 
     def matches(self, opt: Rule, params: list, grads: list) -> bool:
@@ -159,12 +165,9 @@ class _Prepared:
         )
 
     def step(self) -> None:
-        values = []
-        for i, leaf in enumerate(self.leaves):
-            leaf.advance(self.t[i] + 1)
-            values.append(leaf.scalars(self.t[i] + 1))
-        self.launch(self.program.host_scalars([values[ref.rule][ref.name] for ref in self.program.scalars]))
-        self.t = [t + 1 for t in self.t]
+        # Every array is at the same step counts (checked when prepared): the first's will do.
+        step_counts = tuple(state.t + 1 for state in self.states[: len(self.leaves)])
+        self.launch(_step_scalars(self.program, self.leaves, step_counts))
         for state in self.states:
             state.t += 1
 
@@ -255,7 +258,6 @@ def apply(opt: Rule, x: Any, dx: Any) -> Any:
     job.out = backend.empty_like(xr.array)
     backend.run(program, [job], apply=True)
     _advance(opt, [job])
-    opt.__dict__.pop("_prepared", None)
     return job.out
 
 
