@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import operator
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -131,7 +129,7 @@ class _Prepared:
     and the kernels launched.
 
     It holds weak references to the arrays (state stays weakly held: the record is dropped
-    when any parameter dies), the device tables, and the states whose step counts advance.
+    when any parameter or gradient dies), the device tables, and the states whose step counts advance.
     Any other change of state (another update or apply, reset, a checkpoint load) bumps the
     rules' state_version, which makes the record stale.
     """
@@ -148,17 +146,18 @@ class _Prepared:
             if o is not None and o.__dict__.get("_prepared") is self:
                 del o.__dict__["_prepared"]
 
-        self.params = [weakref.ref(p, forget) for p in params]
-        self.grads = [weakref.ref(g) for g in grads]
+        # The record dies with any of its arrays, so while it lives their ids cannot have
+        # been reused: comparing ids is then an identity test (and costs a few microseconds).
+        self._alive = [weakref.ref(a, forget) for a in (*params, *grads)]
+        self.param_ids = tuple(map(id, params))
+        self.grad_ids = tuple(map(id, grads))
         self.states = [leaf.state_for(job.key) for job in jobs for leaf in self.leaves]
         self.launch = launch
 
     def matches(self, opt: Rule, params: list, grads: list) -> bool:
         return (
-            len(params) == len(self.params)
-            and len(grads) == len(self.grads)
-            and _same_objects(self.params, params)
-            and _same_objects(self.grads, grads)
+            tuple(map(id, params)) == self.param_ids  # (None has its own id: never a match)
+            and tuple(map(id, grads)) == self.grad_ids
             and opt.leaves() == self.leaves
             and plan(opt) is self.program
             and tuple(leaf.state_version for leaf in self.leaves) == self.versions
@@ -170,17 +169,6 @@ class _Prepared:
         self.launch(_step_scalars(self.program, self.leaves, step_counts))
         for state in self.states:
             state.t += 1
-
-
-def _same_objects(refs: list[weakref.ref], objects: list) -> bool:
-    """Whether ``objects`` are the referenced objects, in order (C-speed loops: this runs on
-    every call). None never matches, since a dead reference also returns None."""
-    return all(map(operator.is_, map(_deref, refs), objects)) and not any(
-        map(operator.is_, objects, itertools.repeat(None))
-    )
-
-
-_deref = weakref.ref.__call__
 
 
 def _fast_path(opt: Rule, params: Any, grads: Any) -> bool:

@@ -358,15 +358,16 @@ def _reference_run(factory, sizes, steps, on_kernels, schedule):
                 gpuopt.update(opt, params[chosen[0]], grads[chosen[0]])
             else:
                 gpuopt.update(opt, [params[i] for i in chosen], [grads[i] for i in chosen])
-        results.append((params, opt))
+        prepared = "_prepared" in vars(opt)  # (looked at while the gradients are alive)
+        results.append((params, opt, prepared))
     return results
 
 
 @pytest.mark.parametrize("case", ["ADAM", "ClipNorm+ADAM", "ExpDecay+ADAM", "ClipNorm+ClipNorm+Descent"])
 def test_repeated_collection_update_matches_numpy(case, on_kernels):
-    (kernels, opt), (numpy, ref) = _reference_run(ALL[case], [300, 70001, 5], 12, on_kernels,
-                                                  lambda step: [0, 1, 2])
-    assert "_prepared" in vars(opt)  # the fast path was taken
+    (kernels, opt, prepared), (numpy, ref, _) = _reference_run(ALL[case], [300, 70001, 5], 12, on_kernels,
+                                                               lambda step: [0, 1, 2])
+    assert prepared  # the fast path was taken
     for a, b in zip(kernels, numpy):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
     for leaf, ref_leaf in zip(opt.leaves(), ref.leaves()):
@@ -380,7 +381,7 @@ def test_prepared_update_notices_other_updates_and_step_counts(on_kernels):
             return [1]
         return [0, 1] if step < 6 else [0, 1, 2]
 
-    (kernels, _), (numpy, _) = _reference_run(RULES["ADAM"], [300, 1000, 70], 14, on_kernels, schedule)
+    (kernels, _, _), (numpy, _, _) = _reference_run(RULES["ADAM"], [300, 1000, 70], 14, on_kernels, schedule)
     for a, b in zip(kernels, numpy):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
@@ -461,3 +462,17 @@ def test_state_rows_start_aligned_for_any_size(emulated_backend):
         strides = {row.ctypes.data - state[0].ctypes.data for row in state}
         assert all(offset % 256 == 0 for offset in strides)  # same alignment as row 0
         np.testing.assert_array_equal(state[:, -1], [0.0, 1.0, 2.0])
+
+
+def test_prepared_update_dropped_when_a_gradient_dies(on_kernels):
+    import gc
+
+    on_kernels(True)
+    opt = gpuopt.Momentum()
+    params = [np.ones(10, np.float32), np.ones(20, np.float32)]
+    grads = [np.ones(10, np.float32), np.ones(20, np.float32)]
+    gpuopt.update(opt, params, grads)
+    assert "_prepared" in vars(opt)
+    del grads
+    gc.collect()
+    assert "_prepared" not in vars(opt)  # its gradient ids could now be reused by new arrays
