@@ -6,6 +6,10 @@ kernel sources of ``kernels/``: the single-array update, and the multi-tensor up
 segmented reduction (which also serve one array whose chain needs a reduction).
 Hyperparameters and host scalars are never printed: they are kernel arguments, so the text
 depends only on the chain's structure and dtypes.
+
+The kernels are raw CUDA rather than ``cupy.ElementwiseKernel`` so that the module is the
+whole text NVRTC compiles: :func:`kernel_source` returns it as is, and the tests compile that
+very text for the CPU. (ElementwiseKernel would wrap the step in CuPy's private templates.)
 """
 
 from __future__ import annotations
