@@ -27,8 +27,14 @@ def _run(factory, dtype, xp, collection, steps=20, seed=0):
     params = [xp.asarray(h)[1:] for h in host]  # one element in: misaligned views
     if not collection:
         params = params[:1]
+    grads = None
     for _ in range(steps):
-        grads = [xp.asarray((2 * rng.standard_normal(p.shape)).astype(dtype)) for p in params]
+        fresh = [xp.asarray((2 * rng.standard_normal(p.shape)).astype(dtype)) for p in params]
+        if grads is None or not collection:
+            grads = fresh
+        else:  # a collection reuses its gradient arrays, as PyTorch's .grad: the prepared path
+            for g, f in zip(grads, fresh):
+                g[...] = f
         gpuopt.update(opt, params if collection else params[0], grads if collection else grads[0])
     return [np.asarray(p.get() if hasattr(p, "get") else p) for p in params]
 
