@@ -123,10 +123,11 @@ def _advance(opt: Rule, jobs: list[Job]) -> None:
 
 
 class _Prepared:
-    """The last collection update of an optimiser, kept so that repeating it with the same
-    parameter and gradient arrays (as with PyTorch's persistent ``.grad`` tensors) skips the
-    per-array checks, state lookups and table building: only the host scalars are computed
-    and the kernels launched.
+    """The last collection update of an optimiser, kept so that repeating it on the same
+    parameter arrays skips the per-array checks, state lookups and table building: only the
+    host scalars are computed and the kernels launched. The gradients may be the same arrays
+    (PyTorch's persistent ``.grad``) or new ones like them (a fresh CuPy backward pass): then
+    each is checked against the one it replaces and only the tables' gradient column changes.
 
     It holds weak references to the arrays (state stays weakly held: the record is dropped
     when any parameter or gradient dies), the device tables, and the states whose step counts advance.
@@ -148,16 +149,37 @@ class _Prepared:
 
         # The record dies with any of its arrays, so while it lives their ids cannot have
         # been reused: comparing ids is then an identity test (and costs a few microseconds).
-        self._alive = [weakref.ref(a, forget) for a in (*params, *grads)]
+        self._forget = forget
+        self._params_alive = [weakref.ref(p, forget) for p in params]
         self.param_ids = tuple(map(id, params))
-        self.grad_ids = tuple(map(id, grads))
+        # What a new gradient array must be like to take an old one's place in the tables.
+        self.grad_kinds = [(type(g), g.dtype, g.shape, getattr(g, "device", None)) for g in grads]
+        self._use_gradients(grads)
         self.states = [leaf.state_for(job.key) for job in jobs for leaf in self.leaves]
         self.launch = launch
 
-    def matches(self, opt: Rule, params: list, grads: list) -> bool:
+    def _use_gradients(self, grads: list) -> None:
+        # Dropping the old references also drops their callbacks: an old gradient's death
+        # no longer concerns this record.
+        self._grads_alive = [weakref.ref(g, self._forget) for g in grads]
+        self.grad_ids = tuple(map(id, grads))
+
+    def take_gradients(self, grads: list) -> bool:
+        """Swap in new gradient arrays if each is like the one it replaces (array type, dtype,
+        shape, device, contiguous); False, changing nothing, if any is not."""
+        if len(grads) != len(self.grad_kinds):
+            return False
+        for g, (kind, dtype, shape, device) in zip(grads, self.grad_kinds):
+            if (type(g) is not kind or g.dtype != dtype or g.shape != shape
+                    or not g.flags.c_contiguous or getattr(g, "device", None) != device):
+                return False
+        self.launch.set_gradients(grads)
+        self._use_gradients(grads)
+        return True
+
+    def matches(self, opt: Rule, params: list) -> bool:
         return (
             tuple(map(id, params)) == self.param_ids  # (None has its own id: never a match)
-            and tuple(map(id, grads)) == self.grad_ids
             and opt.leaves() == self.leaves
             and plan(opt) is self.program
             and tuple(leaf.state_version for leaf in self.leaves) == self.versions
@@ -180,8 +202,10 @@ def _fast_path(opt: Rule, params: Any, grads: Any) -> bool:
         if list(params) != list(grads):
             return False
         params, grads = list(params.values()), list(grads.values())
-    if not prepared.matches(opt, params, grads):
+    if not prepared.matches(opt, params):
         return False
+    if tuple(map(id, grads)) != prepared.grad_ids and not prepared.take_gradients(grads):
+        return False  # (None, or an array of another kind: the full path checks and handles it)
     prepared.step()
     return True
 

@@ -321,8 +321,39 @@ def test_pointer_table_is_reused_while_arrays_stay(on_kernels, emulated_backend)
     assert tables.table is device_table  # same arrays: the table was not rebuilt
     np.testing.assert_array_equal(tables.host_table[:, 3], [3, 70000, 5])
     assert tables.chunks == 1 + 2 + 1  # 70000 elements span two chunks of CHUNK
-    gpuopt.update(opt, params, [np.full(p.shape, 0.5, np.float32) for p in params])
-    assert tables.table is not device_table  # new gradient arrays: new pointers
+    fresh = [np.full(p.shape, 0.25, np.float32) for p in params]
+    gpuopt.update(opt, params, fresh)  # new gradient arrays: swapped into the prepared tables
+    assert vars(opt)["_prepared"].grad_ids == tuple(map(id, fresh))
+    on_kernels(False)
+    expected = [np.ones(n, np.float32) for n in (3, 70000, 5)]
+    reference = gpuopt.Momentum()
+    for value in (0.5, 0.5, 0.25):
+        gpuopt.update(reference, expected, [np.full(p.shape, value, np.float32) for p in expected])
+    for a, b in zip(params, expected):
+        np.testing.assert_array_equal(a, b)  # the new gradients, not the old ones, were read
+
+
+def test_fresh_gradient_arrays_each_step_match_numpy(on_kernels):
+    """A CuPy training loop makes new gradient arrays every step; the prepared update takes
+    them as long as each is like the one it replaces, and falls back when one is not."""
+    results = []
+    for use_kernels in (True, False):
+        on_kernels(use_kernels)
+        opt = CHAINS["ClipNorm+ADAM"]()
+        rng = np.random.default_rng(21)
+        params = [rng.standard_normal(n).astype(np.float32) for n in (300, 70001, 0, 5)]
+        for step in range(8):
+            grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+            if step == 5:
+                grads[1] = grads[1].astype(np.float64)  # another dtype: the full path
+            if step == 6:
+                grads[3] = None  # skipped this step: the full path
+            gpuopt.update(opt, params, grads)
+            if use_kernels and step in (2, 3, 4):  # these steps took the prepared path
+                assert vars(opt)["_prepared"].grad_ids == tuple(map(id, grads))
+        results.append(params)
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
 def test_changing_hyperparameters_never_rebuilds_a_module(on_kernels, emulated_backend):

@@ -97,23 +97,25 @@ class KernelBackend:
                 if x is not job.x and not apply:
                     job.x[...] = x
 
-    def prepare(self, program: Program, jobs: Sequence[Any]) -> Callable[[list[float]], None] | None:
-        """A launcher for repeating this update on the same arrays: tables are built now, and
-        each call only launches, with one row of host scalars shared by every array. None if
-        an array needs a contiguous copy (those cannot be prepared)."""
-        launchers = []
-        for (param, grad), group in _dtype_groups(jobs).items():
-            if not all(job.x.flags.c_contiguous and job.g.flags.c_contiguous for job in group):
+    def prepare(self, program: Program, jobs: Sequence[Any]) -> PreparedLaunch | None:
+        """Launches for repeating this update on the same parameters: tables are built now, and
+        each call only launches, with one row of host scalars shared by every array (new
+        gradient arrays of the same kind can be swapped in). None if an array needs a
+        contiguous copy (those cannot be prepared)."""
+        groups: dict[tuple, list[int]] = {}
+        for position, job in enumerate(jobs):
+            if not (job.x.flags.c_contiguous and job.g.flags.c_contiguous):
                 return None
-            flat = [(job, job.x, job.g) for job in group]
-            # Always the multi-tensor kernel: its launcher holds device tables, not the arrays.
-            launchers.append((self._group_launcher(program, param, grad, flat, False, multi=True), len(group)))
-
-        def launch(scalars: list[float]) -> None:
-            for launcher, count in launchers:
-                launcher([scalars] * count)
-
-        return launch
+            groups.setdefault((np.dtype(job.x.dtype), np.dtype(job.g.dtype)), []).append(position)
+        parts = []
+        for (param, grad), positions in groups.items():
+            kept = [i for i in positions if jobs[i].x.size]
+            if kept:
+                # Always the multi-tensor kernel: its launcher holds device tables, not arrays.
+                live = [(jobs[i], jobs[i].x, jobs[i].g) for i in kept]
+                source = module_source(program, param, grad, False)
+                parts.append((self._multi_tensor(source, program, compute_dtype(param), live, False), kept))
+        return PreparedLaunch(parts)
 
     @contextlib.contextmanager
     def count_launches(self) -> Iterator[LaunchCounter]:
@@ -203,6 +205,16 @@ class KernelBackend:
         placeholder = self._placeholder()
         upload: dict[str, Any] = {}
 
+        host_now = tables.host_table
+
+        def set_gradients(grads: Sequence[Any]) -> None:
+            nonlocal table, host_now
+            column = np.fromiter(map(device.pointer, grads), dtype=np.uint64, count=len(grads))
+            if not np.array_equal(host_now[:, 1], column):
+                host_now = host_now.copy()
+                host_now[:, 1] = column
+                table = xp.asarray(host_now)
+
         def launch(rows: Sequence[Sequence[float]]) -> None:
             first = rows[0]
             if rows.count(first) == len(rows):  # (identical rows compare by identity: fast)
@@ -222,7 +234,25 @@ class KernelBackend:
                              [np.int32(level), *common, totals, partials, done, *by_value])
             self._launch(source, "gpuopt_multi_tensor", blocks, [*common, totals, *by_value])
 
+        launch.set_gradients = set_gradients  # type: ignore[attr-defined]
         return launch
+
+
+class PreparedLaunch:
+    """The launches of a prepared update: one multi-tensor launcher per dtype group, each with
+    the positions (in the prepared update's arrays) of its non-empty tensors."""
+
+    def __init__(self, parts: list[tuple[Callable, list[int]]]):
+        self.parts = parts
+
+    def __call__(self, scalars: list[float]) -> None:
+        for launch, positions in self.parts:
+            launch([scalars] * len(positions))
+
+    def set_gradients(self, grads: Sequence[Any]) -> None:
+        """Point the tables at new gradient arrays (same dtypes, shapes and layout)."""
+        for launch, positions in self.parts:
+            launch.set_gradients([grads[i] for i in positions])
 
 
 def _dtype_groups(jobs: Sequence[Any]) -> dict[tuple, list[Any]]:
