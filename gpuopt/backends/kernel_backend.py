@@ -89,7 +89,8 @@ class KernelBackend:
         return self.xp.empty(x.shape, dtype=x.dtype)
 
     def run(self, program: Program, jobs: Sequence[Any], apply: bool) -> None:
-        for (param, grad), group in _dtype_groups(jobs).items():
+        for (param, grad), positions in _dtype_groups(jobs).items():
+            group = [jobs[i] for i in positions]
             flat = [(job, _contiguous(self.xp, job.x), _contiguous(self.xp, job.g)) for job in group]
             launch = self._group_launcher(program, param, grad, flat, apply)
             launch([job.scalars for job in group])
@@ -102,13 +103,10 @@ class KernelBackend:
         each call only launches, with one row of host scalars shared by every array (new
         gradient arrays of the same kind can be swapped in). None if an array needs a
         contiguous copy (those cannot be prepared)."""
-        groups: dict[tuple, list[int]] = {}
-        for position, job in enumerate(jobs):
-            if not (job.x.flags.c_contiguous and job.g.flags.c_contiguous):
-                return None
-            groups.setdefault((np.dtype(job.x.dtype), np.dtype(job.g.dtype)), []).append(position)
+        if not all(job.x.flags.c_contiguous and job.g.flags.c_contiguous for job in jobs):
+            return None
         parts = []
-        for (param, grad), positions in groups.items():
+        for (param, grad), positions in _dtype_groups(jobs).items():
             kept = [i for i in positions if jobs[i].x.size]
             if kept:
                 # Always the multi-tensor kernel: its launcher holds device tables, not arrays.
@@ -141,7 +139,7 @@ class KernelBackend:
         return self._null
 
     def _group_launcher(self, program: Program, param: np.dtype, grad: np.dtype, flat: list[tuple],
-                        apply: bool, multi: bool = False) -> Callable[[Sequence[Sequence[float]]], None]:
+                        apply: bool) -> Callable[[Sequence[Sequence[float]]], None]:
         """Everything but the launches, done once: returns ``launch(scalars per array)``."""
         kept = [i for i, entry in enumerate(flat) if entry[1].size]  # empty arrays need no work
         if not kept:
@@ -149,7 +147,7 @@ class KernelBackend:
         live = [flat[i] for i in kept]
         source = module_source(program, param, grad, apply)
         ct = compute_dtype(param)
-        if len(live) == 1 and not program.levels and not multi:
+        if len(live) == 1 and not program.levels:
             launch = self._elementwise(source, ct, live[0], apply)
         else:
             launch = self._multi_tensor(source, program, ct, live, apply)
@@ -255,10 +253,11 @@ class PreparedLaunch:
             launch.set_gradients([grads[i] for i in positions])
 
 
-def _dtype_groups(jobs: Sequence[Any]) -> dict[tuple, list[Any]]:
-    groups: dict[tuple, list[Any]] = {}
-    for job in jobs:
-        groups.setdefault((np.dtype(job.x.dtype), np.dtype(job.g.dtype)), []).append(job)
+def _dtype_groups(jobs: Sequence[Any]) -> dict[tuple, list[int]]:
+    """Positions of the jobs, grouped by (param dtype, grad dtype): one module each."""
+    groups: dict[tuple, list[int]] = {}
+    for position, job in enumerate(jobs):
+        groups.setdefault((np.dtype(job.x.dtype), np.dtype(job.g.dtype)), []).append(position)
     return groups
 
 
