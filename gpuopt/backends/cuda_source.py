@@ -219,34 +219,14 @@ def module_source(program: Program, param: np.dtype, grad: np.dtype, apply: bool
     return "\n".join(parts)
 
 
-#: NVRTC options used for every module (and by the tests that compile for sm_80 / sm_90).
-#: No contraction into fused multiply-adds: the kernels then round exactly as the NumPy
-#: executor does, so both backends agree to the last bit, and an update is memory-bound, so
-#: FMA would buy no time.
-NVRTC_OPTIONS = ("-std=c++17", "--fmad=false")
-
-
-@functools.lru_cache(maxsize=1)
-def cuda_include_options() -> tuple[str, ...]:
-    """``-I`` for the CUDA headers (cuda_fp16.h), found the way CuPy 14 finds its toolkit:
-    a pip-installed CUDA runtime, else CUDA_HOME / CUDA_PATH / the system toolkit."""
-    try:
-        from cuda import pathfinder
-
-        include = pathfinder.find_nvidia_header_directory("cudart")
-    except Exception:  # no pathfinder (older CuPy): NVRTC's own search path must do
-        include = None
-    return (f"-I{include}",) if include else ()
-
-
 def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, apply: bool = False) -> str:
     """The complete CUDA source of the kernels ``update(opt, x, dx)`` runs for arrays of
     ``dtype`` (gradients of ``grad_dtype``, default the same), exactly as NVRTC compiles it.
 
     One module holds them all: ``gpuopt_elementwise`` (one array, one launch),
     ``gpuopt_multi_tensor`` (many arrays in one launch) and, for chains with a reduction such
-    as ClipNorm, ``gpuopt_multi_reduce``. Compile it with NVRTC and the options in
-    ``gpuopt.backends.cuda_source.NVRTC_OPTIONS`` to read, profile or reuse it.
+    as ClipNorm, ``gpuopt_multi_reduce``. Compile it with NVRTC and the options of
+    ``gpuopt.backends.nvrtc.nvrtc_options(arch)`` to read, profile or reuse it.
     """
     from ..dispatch import SUPPORTED_DTYPES
     from ..plan import plan

@@ -38,7 +38,7 @@ def find_compiler() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiler_identity(compiler: str) -> str:
     """What ``compiler --version`` prints (part of every cache key: an upgrade rebuilds)."""
     result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
@@ -97,8 +97,12 @@ def build(commands: Sequence[Sequence[str]], files: Mapping[str, str | bytes], c
 def _run_limited(command: Sequence[str], cwd: Path, memory_limit: int) -> None:
     # The limit is set by a shell in the child (preexec_fn is unsafe with threads).
     limited = ["/bin/sh", "-c", f'ulimit -v {memory_limit // 1024} && exec "$@"', "sh", *command]
+    # A sanitizer runtime preloaded into this process (the tests' sanitized runs) must not
+    # follow into the compiler: it needs far more address space than the cap.
+    environment = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     try:
-        result = subprocess.run(limited, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
+        result = subprocess.run(limited, cwd=cwd, env=environment, capture_output=True, text=True,
+                                timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         raise BuildError(f"{Path(command[0]).name} ran over {TIMEOUT:.0f} s") from None
     if result.returncode != 0:

@@ -26,6 +26,8 @@ from ..plan import Program
 from .cuda_source import module_source
 from .numpy_backend import compute_dtype
 
+THREADS_PER_BLOCK = 256  # the GPU launch shape (a power of two, at most GPUOPT_MAX_THREADS)
+MAX_BLOCKS = 1 << 20
 CHUNK = 65536  # elements per chunk of the multi-tensor kernels (GPUOPT_CHUNK in kernels/)
 VEC = 4  # elements per thread per iteration (GPUOPT_VEC)
 ROW_ALIGN = 64  # state rows start every 64 elements: 256 bytes for float32, whole cache lines
