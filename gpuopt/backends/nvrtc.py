@@ -160,8 +160,12 @@ def cached_module_file(source: str, arch: int, binary: bool = True, prefer_cupy:
     if not path.exists():
         data = nvrtc.compile(source, options, binary)
         folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".writing-", dir=folder)
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
+        handle, temporary = tempfile.mkstemp(prefix=".writing-", dir=folder)  # unique: threads, processes
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(data)
+            os.replace(temporary, path)  # atomic: readers see all of it or nothing
+        except BaseException:
+            os.unlink(temporary)
+            raise
     return path
