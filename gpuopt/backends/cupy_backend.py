@@ -48,4 +48,13 @@ class CupyDevice:
         return array.data.ptr
 
 
-BACKEND = KernelBackend(CupyDevice())
+@functools.cache
+def _backend() -> KernelBackend:
+    return KernelBackend(CupyDevice())
+
+
+def __getattr__(name: str) -> Any:
+    # BACKEND is made on first use: importing this module (for CupyDevice) never imports CuPy.
+    if name == "BACKEND":
+        return _backend()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
