@@ -50,10 +50,12 @@ inline thread_local dim3 threadIdx{0, 0, 0}, blockIdx{0, 0, 0}, blockDim{1, 1, 1
 // -- errors: the first one of a launch is kept and returned to the host ----------------------
 struct gpuopt_emulated_launch {
     std::mutex lock;
-    std::string error;
+    std::string error;  // written once, under the lock; read by the host after the launch
+    std::atomic<bool> failed{false};
     void fail(const std::string& message) {
         std::lock_guard<std::mutex> guard(lock);
         if (error.empty()) error = message;
+        failed = true;
     }
 };
 inline thread_local gpuopt_emulated_launch* gpuopt_current_launch = nullptr;
@@ -191,6 +193,10 @@ inline void gpuopt_run_block(gpuopt_worker& w, unsigned threads, void (*body)(vo
             gpuopt_switch(&w.scheduler, &f.context, f.context.uc_stack.ss_sp, f.context.uc_stack.ss_size);
         }
         if (!any) break;
+        if (gpuopt_current_launch->failed) {  // a thread faulted: the launch has failed
+            for (gpuopt_fiber& f : w.fibers) f.done = true;
+            break;
+        }
         unsigned lo = ~0u, hi = 0;
         bool waiting = false;
         for (const gpuopt_fiber& f : w.fibers)
@@ -202,7 +208,7 @@ inline void gpuopt_run_block(gpuopt_worker& w, unsigned threads, void (*body)(vo
         }
     }
     for (const gpuopt_fiber& f : w.fibers)
-        if (f.barriers != w.fibers[0].barriers) {
+        if (!gpuopt_current_launch->failed && f.barriers != w.fibers[0].barriers) {
             gpuopt_current_launch->fail("threads of one block reached different numbers of __syncthreads()");
             break;
         }
@@ -244,7 +250,7 @@ int gpuopt_emulate(void (*kernel)(P...), unsigned grid, unsigned block, unsigned
 #endif
         gridDim = {grid, 1, 1};
         blockDim = {block, 1, 1};
-        for (unsigned b = next++; b < grid; b = next++) {
+        for (unsigned b = next++; b < grid && !launch.failed; b = next++) {
             blockIdx = {b, 0, 0};
             gpuopt_run_block(w, block, body, &target);
         }
@@ -255,7 +261,7 @@ int gpuopt_emulate(void (*kernel)(P...), unsigned grid, unsigned block, unsigned
     std::vector<std::thread> pool;
     for (unsigned k = 0; k < std::max(1u, std::min(workers, grid)); ++k) pool.emplace_back(work);
     for (auto& thread : pool) thread.join();
-    if (launch.error.empty()) return 0;
+    if (!launch.failed) return 0;
     std::snprintf(error, error_size, "%s", launch.error.c_str());
     return 1;
 }
@@ -284,6 +290,13 @@ extern "C" __attribute__((no_sanitize_undefined)) void __ubsan_handle_type_misma
         std::snprintf(message, sizeof message, "misaligned access: address 0x%lx is not %lu-byte aligned, at %s:%u",
                       (unsigned long)pointer, alignment, data->location.file, data->location.line);
     if (gpuopt_current_launch != nullptr) gpuopt_current_launch->fail(message);
+    // The access itself may fault on the CPU too (an aligned SSE/AVX move): like a faulting GPU
+    // thread, this thread stops here, and its block is abandoned (see gpuopt_run_block).
+    gpuopt_worker* w = gpuopt_current_worker;
+    if (w != nullptr && w->current != nullptr) {
+        w->current->done = true;
+        gpuopt_yield_to_scheduler(true);
+    }
 }
 extern "C" void __ubsan_handle_type_mismatch_v1_abort(gpuopt_type_mismatch* data, std::uintptr_t pointer) {
     __ubsan_handle_type_mismatch_v1(data, pointer);
