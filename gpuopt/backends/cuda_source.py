@@ -28,6 +28,14 @@ from .numpy_backend import compute_dtype
 #: kernel template files, in the order they are appended to the preamble
 KERNEL_FILES = ("common.cuh", "elementwise.cu", "multi_tensor.cu")
 
+#: Sizes the host code and the kernels must agree on: defined here once, printed into every
+#: module as #defines (GPUOPT_VEC, GPUOPT_CHUNK, ...), and imported by the host code.
+VEC = 4  # elements per thread per iteration: one 128-bit access for float32
+CHUNK = 65536  # elements per chunk of the multi-tensor kernels; a multiple of VEC, so vector
+#                groups never straddle chunks
+MAX_THREADS = 256  # threads per block the block reduction's shared memory is sized for
+TABLE_COLUMNS = 4  # a tensor's row in the multi-tensor table: x, g, out, n, then its state slots
+
 _C_TYPES = {np.dtype(np.float16): "__half", np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _FUNCTIONS = {  # (float, double) spellings, so nothing silently goes through double
@@ -192,6 +200,11 @@ def _preamble(program: Program, param: np.dtype, grad: np.dtype, apply: bool) ->
         f"typedef {_C_TYPES[grad]} gpuopt_grad_t;",
         f"typedef {_C_TYPES[ct]} gpuopt_state_t;",
         f"typedef {_C_TYPES[ct]} gpuopt_compute_t;",
+        f"#define GPUOPT_VEC {VEC}",
+        f"#define GPUOPT_CHUNK {CHUNK}",
+        f"#define GPUOPT_MAX_THREADS {MAX_THREADS}",
+        f"#define GPUOPT_TABLE_COLUMNS {TABLE_COLUMNS}",
+        "#define GPUOPT_TABLE_WIDTH (GPUOPT_TABLE_COLUMNS + GPUOPT_SLOTS)",
         f"#define GPUOPT_APPLY {int(apply)}",
         f"#define GPUOPT_SLOTS {nslots}",
         f"#define GPUOPT_SLOTS_ALLOC {max(nslots, 1)}",
