@@ -1,14 +1,49 @@
-"""Backends: each turns the same traced Program into work on its kind of array."""
+"""Backends: each turns the same traced Program into work on its kind of array.
+
+NumPy arrays go to the native backend (C++ compiled from the printed step, see
+``native_backend``) where a C++ compiler works, else to the NumPy ufunc executor, which
+``GPUOPT_CPU=numpy`` also forces. The choice is made once, on first use; when no compiler
+works, a one-line notice says so (on stderr, once).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from typing import Any
+
+_cpu_choice: list[Any] = []  # the backend for NumPy arrays, once chosen
+_choosing = threading.Lock()
 
 
 def get_backend(name: str) -> Any:
     """The backend object for ``"numpy"`` or ``"cupy"`` (CuPy imported only when asked)."""
     if name == "numpy":
-        from .numpy_backend import BACKEND
-    else:
-        from .cupy_backend import BACKEND
+        return cpu_backend()
+    from .cupy_backend import BACKEND
+
     return BACKEND
+
+
+def cpu_backend() -> Any:
+    """The backend for NumPy arrays: native where a compiler works, else the ufunc executor."""
+    if not _cpu_choice:
+        with _choosing:
+            if not _cpu_choice:
+                _cpu_choice.append(_choose_cpu_backend())
+    return _cpu_choice[0]
+
+
+def _choose_cpu_backend() -> Any:
+    from . import numpy_backend
+
+    if os.environ.get("GPUOPT_CPU", "").strip().lower() == "numpy":
+        return numpy_backend.BACKEND
+    from .native_backend import native_backend
+
+    backend, why = native_backend()
+    if backend is None:
+        print(f"gpuopt: NumPy arrays run on the NumPy executor, not native code: {why}", file=sys.stderr)
+        return numpy_backend.BACKEND
+    return backend

@@ -70,6 +70,8 @@ class KernelBackend:
     def __init__(self, device: Device):
         self.device = device
         self.xp = device.xp
+        # A device may compile its own text from the same printed step (the native CPU one).
+        self._source = getattr(device, "module_source", module_source)
         self._tables: dict[str, _Tables] = {}  # by module source
         self._counters: list[LaunchCounter] = []
         self._null = None
@@ -103,7 +105,7 @@ class KernelBackend:
         each call only launches, with one row of host scalars shared by every array (new
         gradient arrays of the same kind can be swapped in). None if an array needs a
         contiguous copy (those cannot be prepared)."""
-        if not all(job.x.flags.c_contiguous and job.g.flags.c_contiguous for job in jobs):
+        if not all(_direct(job.x) and _direct(job.g) for job in jobs):
             return None
         parts = []
         for (param, grad), positions in _dtype_groups(jobs).items():
@@ -111,7 +113,7 @@ class KernelBackend:
             if kept:
                 # Always the multi-tensor kernel: its launcher holds device tables, not arrays.
                 live = [(jobs[i], jobs[i].x, jobs[i].g) for i in kept]
-                source = module_source(program, param, grad, False)
+                source = self._source(program, param, grad, False)
                 parts.append((self._multi_tensor(source, program, compute_dtype(param), live, False), kept))
         return PreparedLaunch(parts)
 
@@ -145,7 +147,7 @@ class KernelBackend:
         if not kept:
             return lambda rows: None
         live = [flat[i] for i in kept]
-        source = module_source(program, param, grad, apply)
+        source = self._source(program, param, grad, apply)
         ct = compute_dtype(param)
         if len(live) == 1 and not program.levels:
             launch = self._elementwise(source, ct, live[0], apply)
@@ -261,5 +263,11 @@ def _dtype_groups(jobs: Sequence[Any]) -> dict[tuple, list[int]]:
     return groups
 
 
+def _direct(array: Any) -> bool:
+    """Whether kernels can use the array's memory as is: contiguous and aligned to its element
+    size (a NumPy array can be neither; a CuPy array is always aligned)."""
+    return array.flags.c_contiguous and getattr(array.flags, "aligned", True)
+
+
 def _contiguous(xp: Any, array: Any) -> Any:
-    return array if array.flags.c_contiguous else xp.ascontiguousarray(array)
+    return array if _direct(array) else xp.array(array, order="C", copy=True)
