@@ -2,8 +2,9 @@
 
 NumPy arrays go to the native backend (C++ compiled from the printed step, see
 ``native_backend``) where a C++ compiler works, else to the NumPy ufunc executor, which
-``GPUOPT_CPU=numpy`` also forces. The choice is made once, on first use; when no compiler
-works, a one-line notice says so (on stderr, once).
+``GPUOPT_CPU=numpy`` also forces (``GPUOPT_CPU=native`` makes a missing compiler an error).
+The choice is made once, on first use; when no compiler works, a one-line notice says so (on
+stderr, once).
 """
 
 from __future__ import annotations
@@ -38,12 +39,26 @@ def cpu_backend() -> Any:
 def _choose_cpu_backend() -> Any:
     from . import numpy_backend
 
-    if os.environ.get("GPUOPT_CPU", "").strip().lower() == "numpy":
+    wanted = os.environ.get("GPUOPT_CPU", "").strip().lower()
+    if wanted == "numpy":
         return numpy_backend.BACKEND
     from .native_backend import native_backend
 
     backend, why = native_backend()
+    if backend is None and wanted == "native":
+        raise RuntimeError(f"GPUOPT_CPU=native, but native code cannot be built here: {why}")
     if backend is None:
         print(f"gpuopt: NumPy arrays run on the NumPy executor, not native code: {why}", file=sys.stderr)
         return numpy_backend.BACKEND
     return backend
+
+
+def describe(name: str) -> str:
+    """The backend for ``name`` in words, for the demo and the benchmark's report."""
+    if name != "numpy":
+        return name
+    backend = cpu_backend()
+    device = getattr(backend, "device", None)
+    if device is None:
+        return "numpy (NumPy executor)"
+    return f"numpy (native code, {device.cpu_threads} threads)"

@@ -1,0 +1,312 @@
+"""The native CPU backend: C++ compiled from the printed step equals the NumPy executor bit for
+bit (every rule and chain, float16/32/64, empty, 0-d, strided and misaligned arrays,
+collections, any thread count), one call per dtype group, builds shared safely between
+processes, and the NumPy executor with a one-line notice where no compiler works.
+
+Modules are built once per session (in the session's GPUOPT_CACHE_DIR, see conftest.py),
+two at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import gpuopt
+import gpuopt.backends
+from gpuopt.backends import cxx_build, numpy_backend
+from gpuopt.backends.kernel_backend import CHUNK, KernelBackend
+from gpuopt.backends.native_backend import NativeDevice, cache_dir
+from gpuopt.plan import plan
+
+from .cases import ALL, CHAINS, RULES
+
+REQUIRED = os.environ.get("GPUOPT_REQUIRE_KERNEL_TOOLS") == "1"
+DTYPES = ["float16", "float32", "float64"]
+SIZES = [1001, 7, 0, CHUNK + 4099, 3, 1]  # odd sizes, an empty one, one across two chunks
+EXECUTOR = numpy_backend.BACKEND
+
+
+@pytest.fixture(scope="module")
+def device():
+    compiler = cxx_build.find_compiler()
+    if compiler is None:
+        if REQUIRED:
+            pytest.fail("no C++ compiler (GPUOPT_REQUIRE_KERNEL_TOOLS=1)")
+        pytest.skip("no C++ compiler")
+    device = NativeDevice(compiler)
+    modules = [device.module_source(plan(factory()), np.dtype(dt), np.dtype(dt), False)
+               for factory in ALL.values() for dt in DTYPES]
+    with ThreadPoolExecutor(2) as pool:  # every module of the table, two compilers at a time
+        list(pool.map(device.library, modules))
+    return device
+
+
+@pytest.fixture(scope="module")
+def native(device):
+    return KernelBackend(device)
+
+
+@pytest.fixture
+def use(native, monkeypatch):
+    """``use(True)``: NumPy arrays on the native backend; ``use(False)``: on the executor."""
+
+    def select(on_native: bool) -> None:
+        backend = native if on_native else EXECUTOR
+        monkeypatch.setattr(gpuopt.backends, "cpu_backend", lambda: backend)
+
+    return select
+
+
+def _trajectory(factory, dtype, use, on_native, steps=8, seed=0):
+    """Collection updates, then one array alone (the single-array entry) at every step."""
+    use(on_native)
+    opt = factory()
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(n + 1).astype(dtype)[1:] for n in SIZES]  # one element in: misaligned
+    history = []
+    for _ in range(steps):
+        grads = [(2 * rng.standard_normal(p.shape)).astype(dtype) for p in params]
+        gpuopt.update(opt, params, grads)
+        gpuopt.update(opt, params[0], grads[0])
+        history.append([p.copy() for p in params])
+    states = [leaf.state_for(p).slots for leaf in opt.leaves() for p in params if leaf.state]
+    return history, states
+
+
+def _same_bits(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    bits = [np.ascontiguousarray(v).reshape(-1).view(np.uint8) for v in (a, b)]
+    assert np.array_equal(*bits) or np.array_equal(a, b, equal_nan=True), (
+        f"{what}: largest difference {np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(ALL))
+def test_native_equals_the_numpy_executor_bit_for_bit(case, dtype, use):
+    native, native_state = _trajectory(ALL[case], dtype, use, True)
+    executor, executor_state = _trajectory(ALL[case], dtype, use, False)
+    for step, (a, b) in enumerate(zip(native, executor)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_bits(x, y, f"{case} {dtype} step {step + 1} array {i}")
+    for x, y in zip(native_state, executor_state):
+        _same_bits(x, y, f"{case} {dtype} state")
+
+
+def _unaligned(values: np.ndarray) -> np.ndarray:
+    """A copy of ``values`` whose address is one byte past an element boundary."""
+    buffer = np.empty(values.nbytes + 1, np.uint8)
+    array = np.frombuffer(buffer.data, dtype=values.dtype, count=values.size, offset=1).reshape(values.shape)
+    array[...] = values
+    assert not array.flags.aligned
+    return array
+
+
+LAYOUTS = {
+    "0-d": lambda rng, dt: np.array(rng.standard_normal(), dtype=dt),
+    "strided": lambda rng, dt: rng.standard_normal((40, 30)).astype(dt)[::3, 1::2],
+    "transposed": lambda rng, dt: rng.standard_normal((50, 70)).astype(dt).T,
+    "unaligned": lambda rng, dt: _unaligned(rng.standard_normal(999).astype(dt)),
+    "empty": lambda rng, dt: np.empty((0, 3), dt),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", ["ADAM", "ClipNorm+ADAM"])
+def test_any_layout_updates_and_applies_in_place_like_the_executor(case, layout, use):
+    results = []
+    for on_native in (True, False):
+        use(on_native)
+        rng = np.random.default_rng(1)
+        opt = ALL[case]()
+        x = LAYOUTS[layout](rng, np.float32)
+        steps = []
+        for _ in range(4):
+            g = LAYOUTS[layout](rng, np.float32)
+            gpuopt.update(opt, x, g)
+            steps.append(gpuopt.apply(opt, x, g))
+        results.append((x, steps))
+    (x, steps), (y, expected) = results
+    _same_bits(np.ascontiguousarray(x), np.ascontiguousarray(y), f"{case} {layout}")
+    for a, b in zip(steps, expected):
+        _same_bits(a, b, f"{case} {layout} apply")
+
+
+def test_gradients_of_other_dtypes_and_mixed_groups(use):
+    results = []
+    for on_native in (True, False):
+        use(on_native)
+        rng = np.random.default_rng(2)
+        opt = CHAINS["ClipValue+WeightDecay+ADAM"]()
+        params = [rng.standard_normal(n).astype(dt) for n, dt in
+                  [(300, np.float32), (70001, np.float64), (5, np.float16), (40, np.float32)]]
+        for _ in range(5):
+            grads = [rng.standard_normal(p.shape).astype(gd) for p, gd in
+                     zip(params, (np.float16, np.float32, np.float32, np.float32))]
+            gpuopt.update(opt, params, grads)
+        results.append(params)
+    for a, b in zip(*results):
+        _same_bits(a, b, "mixed dtypes")
+
+
+def test_results_do_not_depend_on_the_thread_count(device, use):
+    use(True)
+    runs = []
+    for threads in (1, 2, 3):
+        device.cpu_threads = threads
+        rng = np.random.default_rng(3)
+        opt = CHAINS["ClipNorm+ADAM"]()
+        params = [rng.standard_normal(n).astype(np.float32) for n in (3 * CHUNK + 77, 100, 5 * CHUNK)]
+        for _ in range(3):
+            gpuopt.update(opt, params, [rng.standard_normal(p.shape).astype(np.float32) for p in params])
+            gpuopt.update(opt, params[2], rng.standard_normal(params[2].shape).astype(np.float32))
+        runs.append(params)
+    device.cpu_threads = 2
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            _same_bits(a, b, "threads")
+
+
+@pytest.mark.parametrize("case, calls", [
+    ("ADAM", ["gpuopt_multi_tensor"]),
+    ("ClipNorm+ClipNorm+Descent", ["gpuopt_multi_reduce", "gpuopt_multi_reduce", "gpuopt_multi_tensor"]),
+])
+def test_a_whole_model_is_one_call_per_dtype_group(case, calls, native, use):
+    use(True)
+    opt = ALL[case]()
+    params = [np.ones(n, np.float32) for n in range(1, 151)] + [np.ones(7, np.float64)]
+    grads = [np.full(p.shape, 0.5, p.dtype) for p in params]
+    gpuopt.update(opt, params, grads)
+    with native.count_launches() as counter:
+        gpuopt.update(opt, params, grads)
+    assert sorted(counter.names) == sorted(calls * 2)  # float32 and float64 groups
+
+
+def test_updates_from_several_threads_match_sequential_ones(use):
+    use(True)
+
+    def train(seed: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        opt = CHAINS["ClipNorm+ADAM"]()
+        params = [rng.standard_normal(n).astype(np.float32) for n in (CHUNK + 10, 300)]
+        for _ in range(10):
+            gpuopt.update(opt, params, [rng.standard_normal(p.shape).astype(np.float32) for p in params])
+        return params
+
+    expected = [train(seed) for seed in range(4)]
+    results: dict[int, list[np.ndarray]] = {}
+    threads = [threading.Thread(target=lambda s=seed: results.__setitem__(s, train(s))) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed in range(4):
+        for a, b in zip(results[seed], expected[seed]):
+            _same_bits(a, b, f"thread {seed}")
+
+
+def test_changing_hyperparameters_never_builds_a_module(device, use):
+    use(True)
+    opt = gpuopt.Optimiser(gpuopt.ClipNorm(1.0), RULES["SignMomentum"]())
+    x, g = np.ones(100), np.full(100, 0.3)
+    gpuopt.update(opt, x, g)
+    built = device.builds
+    for eta in (0.5, 0.25):
+        opt[1].eta = eta
+        opt[0].thresh = eta
+        gpuopt.update(opt, x, g)
+    assert device.builds == built
+
+
+# -- building and choosing the backend, in fresh processes -------------------------------------
+
+BUILD_ONE = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from gpuopt.backends import cxx_build
+    from gpuopt.backends.native_backend import NativeDevice
+    from gpuopt.plan import plan
+    import gpuopt
+
+    device = NativeDevice(cxx_build.find_compiler())
+    source = device.module_source(plan(gpuopt.Optimiser(gpuopt.AMSGrad(), gpuopt.ClipValue(0.5))),
+                                  np.dtype("float64"), np.dtype("float32"), True)
+    while time.time() < float(sys.argv[1]):  # both processes start the build together
+        time.sleep(0.001)
+    device.library(source)
+    print(device.cache)
+    """
+)
+
+
+def test_two_processes_building_one_module_at_once(device, tmp_path):
+    import time
+
+    env = {**os.environ, "GPUOPT_CACHE_DIR": str(tmp_path)}
+    start = f"{time.time() + 2.0}"
+    runs = [subprocess.Popen([sys.executable, "-c", BUILD_ONE, start], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    for run, (out, err) in zip(runs, outputs):
+        assert run.returncode == 0, err
+    folders = list((tmp_path / "native").iterdir())
+    assert len(folders) == 1 and (folders[0] / "module.so").is_file()  # one build, nothing half-done
+
+
+FALLBACK = textwrap.dedent(
+    """
+    import numpy as np
+    import gpuopt
+    from gpuopt.backends import cpu_backend, describe, numpy_backend
+
+    x, g = np.ones(10), np.full(10, 0.5)
+    opt = gpuopt.ADAM(0.1)
+    gpuopt.update(opt, x, g)
+    gpuopt.update(opt, [x], [g])
+    assert cpu_backend() is numpy_backend.BACKEND
+    print(describe("numpy"), x[0])
+    """
+)
+
+
+@pytest.mark.parametrize("setting", ["no compiler", "GPUOPT_CPU=numpy"])
+def test_numpy_executor_where_no_compiler_works_or_when_asked(setting, tmp_path):
+    env = {**os.environ, "GPUOPT_CACHE_DIR": str(tmp_path)}
+    env.pop("GPUOPT_CPU", None)
+    if setting == "no compiler":
+        env.update(CXX=str(tmp_path / "missing-c++"), PATH=str(tmp_path))  # no c++, g++ or clang++ either
+    else:
+        env["GPUOPT_CPU"] = "numpy"
+    result = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("numpy (NumPy executor)")
+    notices = [line for line in result.stderr.splitlines() if line.startswith("gpuopt:")]
+    if setting == "no compiler":
+        assert len(notices) == 1 and "no C++ compiler found" in notices[0] and "missing-c++" in notices[0]
+    else:
+        assert notices == []
+    assert not (tmp_path / "native").exists() or setting == "no compiler"
+
+
+def test_native_is_the_default_and_the_cache_is_per_user(tmp_path):
+    env = {**os.environ, "GPUOPT_CACHE_DIR": str(tmp_path)}
+    env.pop("GPUOPT_CPU", None)
+    code = "from gpuopt.backends import describe; print(describe('numpy'))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("numpy (native code") and result.stderr == ""
+    assert any((tmp_path / "native").iterdir())
+    env.pop("GPUOPT_CACHE_DIR")
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    code = "from gpuopt.backends.native_backend import cache_dir; print(cache_dir())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == str(tmp_path / "xdg" / "gpuopt")
+    assert cache_dir() == type(cache_dir())(os.environ["GPUOPT_CACHE_DIR"])
