@@ -17,7 +17,7 @@ typedef unsigned long long gpuopt_word;
 #define GPUOPT_CHUNK 65536
 #define GPUOPT_TABLE_WIDTH (4 + GPUOPT_SLOTS)
 #define GPUOPT_ALIGN 64          // thread boundaries: whole cache lines of every array
-#define GPUOPT_THREAD_MIN 32768  // fewer elements per thread than this: fewer threads
+#define GPUOPT_THREAD_MIN 65536  // fewer elements per thread than this: fewer threads (waking one costs)
 
 struct gpuopt_tensor {
     gpuopt_param_t* x;

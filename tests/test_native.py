@@ -255,7 +255,7 @@ def test_two_processes_building_one_module_at_once(device, tmp_path):
     runs = [subprocess.Popen([sys.executable, "-c", BUILD_ONE, start], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=120) for run in runs]
-    for run, (out, err) in zip(runs, outputs):
+    for run, (_, err) in zip(runs, outputs):
         assert run.returncode == 0, err
     folders = list((tmp_path / "native").iterdir())
     assert len(folders) == 1 and (folders[0] / "module.so").is_file()  # one build, nothing half-done

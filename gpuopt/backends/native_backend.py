@@ -91,7 +91,7 @@ class NativeDevice:
         self._flags: tuple[str, ...] | None = None  # the first of OPTIONAL_FLAGS that worked
         self._libraries: dict[str, ctypes.CDLL] = {}
         self._functions: dict[tuple[str, str], Callable] = {}
-        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}  # (other processes: cxx_build makes them safe)
 
     # -- the Device protocol -----------------------------------------------------------------
 
@@ -121,7 +121,7 @@ class NativeDevice:
         """The loaded module for ``source``, built first if no build is cached."""
         library = self._libraries.get(source)
         if library is None:
-            with self._lock:  # one build per module in this process; cxx_build handles others
+            with self._locks.setdefault(source, threading.Lock()):  # one build per module here
                 library = self._libraries.get(source)
                 if library is None:
                     library = self._libraries[source] = ctypes.CDLL(str(self._build(source) / "module.so"))
