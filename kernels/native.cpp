@@ -3,9 +3,13 @@
 // Before this file: kernels/native_prelude.h, then the generated part of the CUDA module
 // (types, GPUOPT_* sizes, gpuopt_step() and gpuopt_terms()). The entry points do what the
 // CUDA kernels of the same names do (elementwise.cu, multi_tensor.cu) and read the same
-// arguments, passed as one array of 8-byte words (integers, pointers, and host scalars as
-// doubles), after the number of threads to use. They keep nothing between calls, so any
-// number of threads may call them at once; each returns 0, or 1 when memory ran out.
+// arguments, passed as one array of 8-byte words (integers, arrays, and host scalars as
+// doubles), after the number of threads to use and how arrays are given: where `objects` is
+// not negative, an array's word is the address of its NumPy object and its data pointer is
+// read `objects` bytes into it (the field after the object header: asking NumPy for the
+// pointer from Python costs more than an update of a thousand elements); else the word is
+// the data pointer. They keep nothing between calls, so any number of threads may call them
+// at once; each returns 0, or 1 when memory ran out.
 //
 // Results equal the NumPy executor's bit for bit: the same operations in the same precision
 // (built without fast-math and without FMA contraction), and each reduction summed in its
@@ -26,6 +30,10 @@ struct gpuopt_tensor {
     long long n;
     gpuopt_state_t* slots[GPUOPT_SLOTS_ALLOC];
 };
+
+static inline gpuopt_word gpuopt_array_word(const gpuopt_word w, const long long objects) {
+    return objects < 0 ? w : *reinterpret_cast<const gpuopt_word*>(w + objects);
+}
 
 static inline gpuopt_compute_t gpuopt_scalar_word(const gpuopt_word w) {
     double value;
@@ -92,16 +100,18 @@ static inline int gpuopt_team(const int threads, const long long work) {
     return (int)(most < 1 ? 1 : (most < threads ? most : threads));
 }
 
-extern "C" int gpuopt_elementwise(const int threads, const gpuopt_word* a) {
+#define GPUOPT_ARRAY(type, i) reinterpret_cast<type>(gpuopt_array_word(a[i], objects))
+
+extern "C" int gpuopt_elementwise(const int threads, const long long objects, const gpuopt_word* a) {
     gpuopt_tensor r;
     const long long n = (long long)a[0];
-    r.x = reinterpret_cast<gpuopt_param_t*>(a[1]);
-    r.g = reinterpret_cast<const gpuopt_grad_t*>(a[2]);
-    r.out = reinterpret_cast<gpuopt_param_t*>(a[3]);
+    r.x = GPUOPT_ARRAY(gpuopt_param_t*, 1);
+    r.g = GPUOPT_ARRAY(const gpuopt_grad_t*, 2);
+    r.out = GPUOPT_ARRAY(gpuopt_param_t*, 3);
     r.n = n;
-    const double* totals = reinterpret_cast<const double*>(a[4]);
+    const double* totals = GPUOPT_ARRAY(const double*, 4);
     r.slots[0] = nullptr;
-    for (int k = 0; k < GPUOPT_SLOTS; ++k) r.slots[k] = reinterpret_cast<gpuopt_state_t*>(a[5 + k]);
+    for (int k = 0; k < GPUOPT_SLOTS; ++k) r.slots[k] = GPUOPT_ARRAY(gpuopt_state_t*, 5 + k);
     gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC] = {};
     for (int j = 0; j < GPUOPT_SCALARS; ++j) h[j] = gpuopt_scalar_word(a[5 + GPUOPT_SLOTS + j]);
     const int team = gpuopt_team(threads, n);
@@ -124,14 +134,14 @@ static inline long long gpuopt_table_elements(const gpuopt_word* table, const in
     return total;
 }
 
-extern "C" int gpuopt_multi_tensor(const int threads, const gpuopt_word* a) {
+extern "C" int gpuopt_multi_tensor(const int threads, const long long objects, const gpuopt_word* a) {
     const int tensors = (int)a[0];
     const long long chunks = (long long)a[1];
-    const gpuopt_word* table = reinterpret_cast<const gpuopt_word*>(a[2]);
-    const long long* chunk_start = reinterpret_cast<const long long*>(a[3]);
+    const gpuopt_word* table = GPUOPT_ARRAY(const gpuopt_word*, 2);
+    const long long* chunk_start = GPUOPT_ARRAY(const long long*, 3);
     const int per_tensor = (int)a[4];
-    const gpuopt_compute_t* scalars = reinterpret_cast<const gpuopt_compute_t*>(a[5]);
-    const double* totals = reinterpret_cast<const double*>(a[6]);
+    const gpuopt_compute_t* scalars = GPUOPT_ARRAY(const gpuopt_compute_t*, 5);
+    const double* totals = GPUOPT_ARRAY(const double*, 6);
     gpuopt_compute_t shared[GPUOPT_SCALARS_ALLOC] = {};
     for (int j = 0; j < GPUOPT_SCALARS; ++j) shared[j] = gpuopt_scalar_word(a[7 + j]);
     const int team = chunks > 1 ? gpuopt_team(threads, gpuopt_table_elements(table, tensors)) : 1;
@@ -192,15 +202,15 @@ static void gpuopt_pairwise(const int level, const gpuopt_tensor& r, const long 
     }
 }
 
-extern "C" int gpuopt_multi_reduce(const int threads, const gpuopt_word* a) {
+extern "C" int gpuopt_multi_reduce(const int threads, const long long objects, const gpuopt_word* a) {
     const int level = (int)a[0];
     const int tensors = (int)a[1];
     const long long chunks = (long long)a[2];
-    const gpuopt_word* table = reinterpret_cast<const gpuopt_word*>(a[3]);
-    const long long* chunk_start = reinterpret_cast<const long long*>(a[4]);
+    const gpuopt_word* table = GPUOPT_ARRAY(const gpuopt_word*, 3);
+    const long long* chunk_start = GPUOPT_ARRAY(const long long*, 4);
     const int per_tensor = (int)a[5];
-    const gpuopt_compute_t* scalars = reinterpret_cast<const gpuopt_compute_t*>(a[6]);
-    double* totals = reinterpret_cast<double*>(a[7]);  // (a[8], a[9]: the GPU's partial sums, unused)
+    const gpuopt_compute_t* scalars = GPUOPT_ARRAY(const gpuopt_compute_t*, 6);
+    double* totals = GPUOPT_ARRAY(double*, 7);  // (a[8], a[9]: the GPU's partial sums, unused)
     gpuopt_compute_t shared[GPUOPT_SCALARS_ALLOC] = {};
     for (int j = 0; j < GPUOPT_SCALARS; ++j) shared[j] = gpuopt_scalar_word(a[10 + j]);
     double* partial = static_cast<double*>(__builtin_malloc(sizeof(double) * GPUOPT_TERMS * (__SIZE_TYPE__)(chunks > 0 ? chunks : 1)));
@@ -232,9 +242,9 @@ extern "C" int gpuopt_multi_reduce(const int threads, const gpuopt_word* a) {
 
 // A plain copy of `bytes` bytes with the same threads as the updates: the benchmark's
 // reference bandwidth for the CPU.
-extern "C" int gpuopt_copy(const int threads, const gpuopt_word* a) {
-    char* dst = reinterpret_cast<char*>(a[0]);
-    const char* src = reinterpret_cast<const char*>(a[1]);
+extern "C" int gpuopt_copy(const int threads, const long long objects, const gpuopt_word* a) {
+    char* dst = GPUOPT_ARRAY(char*, 0);
+    const char* src = GPUOPT_ARRAY(const char*, 1);
     const long long bytes = (long long)a[2];
     const int team = gpuopt_team(threads, bytes / 8);
 #pragma omp parallel for num_threads(team) schedule(static, 1) if (team > 1)

@@ -310,3 +310,23 @@ def test_native_is_the_default_and_the_cache_is_per_user(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
     assert out.strip() == str(tmp_path / "xdg" / "gpuopt")
     assert cache_dir() == type(cache_dir())(os.environ["GPUOPT_CACHE_DIR"])
+
+
+def test_arrays_passed_by_data_pointer_where_the_object_layout_is_unknown(device, monkeypatch):
+    from gpuopt.backends import native_backend
+
+    monkeypatch.setattr(native_backend, "_data_offset", lambda: -1)  # as on another Python
+    by_pointer = KernelBackend(NativeDevice(device.compiler, device.cache))
+    results = []
+    for backend in (by_pointer, EXECUTOR):
+        monkeypatch.setattr(gpuopt.backends, "cpu_backend", lambda backend=backend: backend)
+        rng = np.random.default_rng(4)
+        opt = CHAINS["ClipNorm+ADAM"]()
+        params = [rng.standard_normal(n).astype(np.float32) for n in (1000, 3)]
+        for _ in range(3):
+            grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+            gpuopt.update(opt, params, grads)
+            gpuopt.update(opt, params[1], grads[1])
+        results.append(params)
+    for a, b in zip(*results):
+        _same_bits(a, b, "by pointer")

@@ -178,9 +178,10 @@ class KernelBackend:
             for k, slot in enumerate(job.slots):
                 row[TABLE_COLUMNS + k] = device.pointer(slot)
         tables = self._tables.get(source)
-        if tables is None:
-            tables = self._tables[source] = _Tables()
-        if tables.host_table is None or not np.array_equal(tables.host_table, host):
+        if tables is None or not np.array_equal(tables.host_table, host):
+            # Always a new object, filled before it is published: a launcher being built in
+            # another thread keeps the consistent set it read.
+            tables = _Tables()
             sizes = host[:, 3].astype(np.int64)
             starts = np.zeros(len(live) + 1, dtype=np.int64)
             np.cumsum(-(-sizes // CHUNK), out=starts[1:])
@@ -195,6 +196,7 @@ class KernelBackend:
                 tables.done = xp.zeros(len(live), dtype=np.uint32)
             else:
                 tables.totals = tables.partials = tables.done = self._placeholder()
+            self._tables[source] = tables
         # The launcher keeps its own references: a later group with the same source but other
         # arrays replaces the cached tables, not these.
         table, chunk_start, chunks = tables.table, tables.chunk_start, tables.chunks

@@ -145,24 +145,27 @@ class NativeDevice:
 
     def _launcher(self, library: ctypes.CDLL, name: str) -> Callable[[int, int, Sequence[Any]], None]:
         function = getattr(library, name)
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_char_p]
         function.restype = ctypes.c_int
         pack, ndarray, floating = struct.pack, np.ndarray, (float, np.floating)
+        objects = _data_offset()
+        address = id if objects >= 0 else _data_pointer
 
         def launch(blocks: int, threads: int, args: Sequence[Any]) -> None:
-            # One 8-byte word per argument: arrays by address, floats as doubles, integers.
+            # One 8-byte word per argument: arrays (see kernels/native.cpp), floats as doubles,
+            # integers. The arrays stay referenced by ``args`` for the whole call.
             codes, words = [], []
             for arg in args:
                 if isinstance(arg, ndarray):
                     codes.append("Q")
-                    words.append(arg.ctypes.data)
+                    words.append(address(arg))
                 elif isinstance(arg, floating):
                     codes.append("d")
                     words.append(arg)
                 else:
                     codes.append("q")
                     words.append(arg)
-            if function(self.cpu_threads, pack("".join(codes), *words)):
+            if function(self.cpu_threads, objects, pack("".join(codes), *words)):
                 raise MemoryError(f"{name}: out of memory")
 
         return launch
@@ -170,6 +173,24 @@ class NativeDevice:
     def copy(self, dst: np.ndarray, src: np.ndarray, source: str) -> None:
         """``dst[...] = src`` (contiguous, same size) with the update's threads (benchmarks)."""
         self.kernel(source, "gpuopt_copy")(1, 1, [dst, src, np.int64(src.nbytes)])
+
+
+def _data_pointer(array: np.ndarray) -> int:
+    return array.ctypes.data
+
+
+@functools.lru_cache(maxsize=1)
+def _data_offset() -> int:
+    """Where a NumPy array object keeps its data pointer, counted from the object's address
+    (``id`` in CPython): right after the object header. Checked on a probe array; -1 (pass
+    pointers) where that does not hold."""
+    if platform.python_implementation() != "CPython":
+        return -1
+    probe = np.arange(3.0)
+    offset = object.__basicsize__
+    if ctypes.c_void_p.from_address(id(probe) + offset).value != probe.ctypes.data:
+        return -1
+    return offset
 
 
 def native_backend() -> tuple[Any, str | None]:
