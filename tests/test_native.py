@@ -330,3 +330,33 @@ def test_arrays_passed_by_data_pointer_where_the_object_layout_is_unknown(device
         results.append(params)
     for a, b in zip(*results):
         _same_bits(a, b, "by pointer")
+
+
+FORK = textwrap.dedent(
+    """
+    import os
+    import numpy as np
+    import gpuopt
+
+    x, g = np.ones(1 << 19, np.float32), np.full(1 << 19, 0.01, np.float32)
+    opt = gpuopt.Optimiser(gpuopt.ClipNorm(1.0), gpuopt.ADAM())
+    gpuopt.update(opt, [x, x[:10].copy()], [g, g[:10]])  # OpenMP threads exist from here on
+    read, write = os.pipe()
+    if os.fork() == 0:
+        gpuopt.update(opt, [x, np.ones(5, np.float32)], [g, g[:5]])
+        gpuopt.update(opt, x, g)
+        os.write(write, x.tobytes()[:64])
+        os._exit(0)
+    os.wait()
+    gpuopt.update(opt, [x, np.ones(5, np.float32)], [g, g[:5]])
+    gpuopt.update(opt, x, g)
+    assert os.read(read, 64) == x.tobytes()[:64]
+    print("ok")
+    """
+)
+
+
+def test_a_forked_child_updates_on_one_thread(device):
+    env = {**os.environ, "GPUOPT_CPU": "native"}
+    result = subprocess.run([sys.executable, "-c", FORK], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

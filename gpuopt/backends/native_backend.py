@@ -22,6 +22,7 @@ import platform
 import struct
 import subprocess
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,20 @@ def _target() -> str:
     return f"{platform.machine()} {platform.processor()}\n{flags}"
 
 
+_devices: weakref.WeakSet = weakref.WeakSet()
+
+
+def _one_thread_after_fork() -> None:
+    # OpenMP's worker threads do not survive fork(): a forked child that started a parallel
+    # region would wait for them forever, so it updates on its own thread.
+    for device in list(_devices):
+        device.cpu_threads = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
+
+
 class NativeDevice:
     """The CPU as a device of the kernel backend: NumPy arrays, native modules, OpenMP threads."""
 
@@ -92,6 +107,7 @@ class NativeDevice:
         self._libraries: dict[str, ctypes.CDLL] = {}
         self._functions: dict[tuple[str, str], Callable] = {}
         self._locks: dict[str, threading.Lock] = {}  # (other processes: cxx_build makes them safe)
+        _devices.add(self)
 
     # -- the Device protocol -----------------------------------------------------------------
 
