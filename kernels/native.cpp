@@ -13,13 +13,11 @@
 //
 // Results equal the NumPy executor's bit for bit: the same operations in the same precision
 // (built without fast-math and without FMA contraction), and each reduction summed in its
-// order: per chunk of GPUOPT_CHUNK elements (numpy_backend.BLOCK) NumPy's pairwise sum of the
+// order: per chunk of GPUOPT_CHUNK elements (= numpy_backend.BLOCK) NumPy's pairwise sum of the
 // terms as doubles, then the chunks one after another, starting from 0.0.
 
 typedef unsigned long long gpuopt_word;
 
-#define GPUOPT_CHUNK 65536
-#define GPUOPT_TABLE_WIDTH (4 + GPUOPT_SLOTS)
 #define GPUOPT_ALIGN 64          // thread boundaries: whole cache lines of every array
 #define GPUOPT_THREAD_MIN 65536  // fewer elements per thread than this: fewer threads (waking one costs)
 
@@ -49,7 +47,7 @@ static inline gpuopt_tensor gpuopt_read_row(const gpuopt_word* table, const int 
     r.out = reinterpret_cast<gpuopt_param_t*>(row[2]);
     r.n = (long long)row[3];
     r.slots[0] = nullptr;
-    for (int k = 0; k < GPUOPT_SLOTS; ++k) r.slots[k] = reinterpret_cast<gpuopt_state_t*>(row[4 + k]);
+    for (int k = 0; k < GPUOPT_SLOTS; ++k) r.slots[k] = reinterpret_cast<gpuopt_state_t*>(row[GPUOPT_TABLE_COLUMNS + k]);
     return r;
 }
 

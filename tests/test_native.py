@@ -100,6 +100,11 @@ def test_native_equals_the_numpy_executor_bit_for_bit(case, dtype, use):
         _same_bits(x, y, f"{case} {dtype} state")
 
 
+def test_chunks_are_the_executors_blocks():
+    # Reductions are bit-identical because native code sums the same blocks in the same order.
+    assert CHUNK == numpy_backend.BLOCK
+
+
 def _unaligned(values: np.ndarray) -> np.ndarray:
     """A copy of ``values`` whose address is one byte past an element boundary."""
     buffer = np.empty(values.nbytes + 1, np.uint8)
