@@ -301,13 +301,13 @@ def test_numpy_executor_where_no_compiler_works_or_when_asked(setting, tmp_path)
     assert not (tmp_path / "native").exists() or setting == "no compiler"
 
 
-def test_native_is_the_default_and_the_cache_is_per_user(tmp_path):
+def test_native_is_the_default_the_demo_uses_it_and_the_cache_is_per_user(tmp_path):
     env = {**os.environ, "GPUOPT_CACHE_DIR": str(tmp_path)}
     env.pop("GPUOPT_CPU", None)
-    code = "from gpuopt.backends import describe; print(describe('numpy'))"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    demo = [sys.executable, "-m", "gpuopt", "demo", "--steps", "5", "--backend", "numpy"]
+    result = subprocess.run(demo, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("numpy (native code") and result.stderr == ""
+    assert "backend numpy (native code, " in result.stdout and result.stderr == ""
     assert any((tmp_path / "native").iterdir())
     env.pop("GPUOPT_CACHE_DIR")
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
