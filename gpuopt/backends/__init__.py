@@ -14,6 +14,8 @@ import sys
 import threading
 from typing import Any
 
+from . import numpy_backend
+
 _cpu_choice: list[Any] = []  # the backend for NumPy arrays, once chosen
 _choosing = threading.Lock()
 
@@ -28,20 +30,21 @@ def get_backend(name: str) -> Any:
 
 
 def cpu_backend() -> Any:
-    """The backend for NumPy arrays: native where a compiler works, else the ufunc executor."""
+    """The backend for NumPy arrays: native where a compiler works, else the ufunc executor
+    (``numpy_backend.BACKEND``, read on every call)."""
     if not _cpu_choice:
         with _choosing:
             if not _cpu_choice:
-                _cpu_choice.append(_choose_cpu_backend())
-    return _cpu_choice[0]
+                _cpu_choice.append(_choose_native_backend())
+    native = _cpu_choice[0]
+    return native if native is not None else numpy_backend.BACKEND
 
 
-def _choose_cpu_backend() -> Any:
-    from . import numpy_backend
-
+def _choose_native_backend() -> Any:
+    """The native backend, or None for the NumPy executor."""
     wanted = os.environ.get("GPUOPT_CPU", "").strip().lower()
     if wanted == "numpy":
-        return numpy_backend.BACKEND
+        return None
     from .native_backend import native_backend
 
     backend, why = native_backend()
@@ -49,7 +52,6 @@ def _choose_cpu_backend() -> Any:
         raise RuntimeError(f"GPUOPT_CPU=native, but native code cannot be built here: {why}")
     if backend is None:
         print(f"gpuopt: NumPy arrays run on the NumPy executor, not native code: {why}", file=sys.stderr)
-        return numpy_backend.BACKEND
     return backend
 
 
