@@ -171,7 +171,8 @@ class _Prepared:
             return False
         for g, (kind, dtype, shape, device) in zip(grads, self.grad_kinds):
             if (type(g) is not kind or g.dtype != dtype or g.shape != shape
-                    or not g.flags.c_contiguous or getattr(g, "device", None) != device):
+                    or not g.flags.c_contiguous or not getattr(g.flags, "aligned", True)
+                    or getattr(g, "device", None) != device):
                 return False
         self.launch.set_gradients(grads)
         self._use_gradients(grads)

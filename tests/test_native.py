@@ -365,3 +365,24 @@ def test_a_forked_child_updates_on_one_thread(device):
     env = {**os.environ, "GPUOPT_CPU": "native"}
     result = subprocess.run([sys.executable, "-c", FORK], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_new_unaligned_gradients_of_a_repeated_update_are_copied(use):
+    results = []
+    for on_native in (True, False):
+        use(on_native)
+        rng = np.random.default_rng(5)
+        opt = RULES["ADAM"]()
+        params = [rng.standard_normal(n).astype(np.float32) for n in (1000, 77)]
+        kept = []  # (old gradients alive: the prepared update takes new ones in their place)
+        for step in range(5):
+            grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+            if step >= 2:  # a repeated update on the same parameters, gradients one byte off
+                grads = [_unaligned(g) for g in grads]
+            kept.append(grads)
+            gpuopt.update(opt, params, grads)
+            if on_native:  # prepared while aligned; never pointed at memory the kernels cannot read
+                assert ("_prepared" in vars(opt)) == (step < 2)
+        results.append(params)
+    for a, b in zip(*results):
+        _same_bits(a, b, "unaligned gradients")
