@@ -386,3 +386,12 @@ def test_new_unaligned_gradients_of_a_repeated_update_are_copied(use):
         results.append(params)
     for a, b in zip(*results):
         _same_bits(a, b, "unaligned gradients")
+
+
+def test_thread_count_from_the_environment(monkeypatch):
+    from gpuopt.backends.native_backend import cpu_threads
+
+    monkeypatch.setenv("GPUOPT_CPU_THREADS", "3")
+    assert cpu_threads() == 3
+    monkeypatch.delenv("GPUOPT_CPU_THREADS")
+    assert 1 <= cpu_threads() <= len(os.sched_getaffinity(0))

@@ -55,14 +55,23 @@ def cache_dir() -> Path:
 
 
 def cpu_threads() -> int:
-    """Threads per update: ``$GPUOPT_CPU_THREADS``, else the CPUs this process may run on."""
+    """Threads per update: ``$GPUOPT_CPU_THREADS``, else the CPUs this process may run on (its
+    affinity, capped by a container's CPU quota: more threads than that only wait their turn)."""
     text = os.environ.get("GPUOPT_CPU_THREADS", "")
     if text.strip().isdigit() and int(text) > 0:
         return int(text)
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 @functools.lru_cache(maxsize=1)
