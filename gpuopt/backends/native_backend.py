@@ -32,6 +32,7 @@ import numpy as np
 from ..plan import Program
 from . import cxx_build
 from .cuda_source import _template, step_source
+from .nvrtc import cache_dir  # the one per-user cache folder (native modules go in native/)
 
 #: the flags every native module is built with: bit-identical to NumPy (no fast-math, no
 #: contraction into FMA; -fno-math-errno only lets sqrt be an instruction), optimised and
@@ -42,16 +43,6 @@ BASE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fn
 #: -march=native, then single-threaded
 OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 ENTRY_POINTS = ("gpuopt_elementwise", "gpuopt_multi_tensor", "gpuopt_multi_reduce", "gpuopt_copy")
-
-
-def cache_dir() -> Path:
-    """Where native modules are kept: ``$GPUOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/gpuopt``,
-    else ``~/.cache/gpuopt``."""
-    explicit = os.environ.get("GPUOPT_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gpuopt"
 
 
 def cpu_threads() -> int:
