@@ -40,9 +40,8 @@ from .nvrtc import cache_dir  # the one per-user cache folder (native modules go
 BASE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno",
               "-w")
 #: tried in order until one builds: with OpenMP and this CPU's instruction set, then without
-#: -march=native, then single-threaded
-OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
-ENTRY_POINTS = ("gpuopt_elementwise", "gpuopt_multi_tensor", "gpuopt_multi_reduce", "gpuopt_copy")
+#: -march=native, then single-threaded (OpenMP's simd loops only, then nothing optional)
+OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-fopenmp-simd",), ())
 
 
 def cpu_threads() -> int:
