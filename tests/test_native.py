@@ -395,3 +395,21 @@ def test_thread_count_from_the_environment(monkeypatch):
     assert cpu_threads() == 3
     monkeypatch.delenv("GPUOPT_CPU_THREADS")
     assert 1 <= cpu_threads() <= len(os.sched_getaffinity(0))
+
+
+def test_a_compiler_without_openmp_or_march_native_still_builds(device, tmp_path, monkeypatch):
+    picky = tmp_path / "picky-c++"  # refuses what an older or stricter compiler would
+    picky.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in -fopenmp|-march=native) exit 1;; esac; done\n'
+                     f'exec "{device.compiler}" "$@"\n')
+    picky.chmod(0o755)
+    backend = KernelBackend(NativeDevice(str(picky), tmp_path / "cache"))
+    results = []
+    for chosen in (backend, EXECUTOR):
+        monkeypatch.setattr(gpuopt.backends, "cpu_backend", lambda chosen=chosen: chosen)
+        rng = np.random.default_rng(6)
+        opt, x = RULES["ADAM"](), rng.standard_normal(5000)
+        for _ in range(3):
+            gpuopt.update(opt, x, rng.standard_normal(5000))
+        results.append(x)
+    assert backend.device._flags == ("-fopenmp-simd",)
+    _same_bits(*results, "without OpenMP")
