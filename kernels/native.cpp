@@ -9,7 +9,13 @@
 // read `objects` bytes into it (the field after the object header: asking NumPy for the
 // pointer from Python costs more than an update of a thousand elements); else the word is
 // the data pointer. They keep nothing between calls, so any number of threads may call them
-// at once; each returns 0, or 1 when memory ran out.
+// at once (and a forked child may too); each returns 0, or 1 when memory ran out.
+//
+// Threads: work is cut into chunks that the calling thread and up to `threads - 1` helper
+// threads, started for the call, claim one at a time. The caller waits only for chunks a
+// helper has claimed, never for a helper to start: on a busy machine a helper that gets no
+// CPU in time finds nothing left to do, and the call costs what one thread costs (a
+// fork-join team, as OpenMP's, would wait for it).
 //
 // Results equal the NumPy executor's bit for bit: the same operations in the same precision
 // (built without fast-math and without FMA contraction), and each reduction summed in its
@@ -21,9 +27,10 @@
 // vectors for float32 and float64; float16 loops are not (GCC 12 has no vector type for
 // _Float16 without AVX512-FP16), so float16 converts one element at a time.
 
+#include <pthread.h>
+
 typedef unsigned long long gpuopt_word;
 
-#define GPUOPT_ALIGN 64          // thread boundaries: whole cache lines of every array
 #define GPUOPT_THREAD_MIN 65536  // fewer elements per thread than this: fewer threads (waking one costs)
 
 struct gpuopt_tensor {
@@ -103,6 +110,61 @@ static inline int gpuopt_team(const int threads, const long long work) {
     return (int)(most < 1 ? 1 : (most < threads ? most : threads));
 }
 
+// One call's chunks, shared by its caller and helpers. It lives on the heap until the last of
+// them lets go: a helper may start after the caller has returned (and then does nothing).
+struct gpuopt_job {
+    void (*run)(const void* context, long long chunk);
+    const void* context;  // the caller's: read only by whoever claimed a chunk, before it is finished
+    long long total, next, finished;
+    int holders;
+};
+
+static void gpuopt_claim_chunks(gpuopt_job* job) {
+    for (;;) {
+        const long long c = __atomic_fetch_add(&job->next, 1, __ATOMIC_ACQ_REL);
+        if (c >= job->total) return;
+        job->run(job->context, c);
+        __atomic_fetch_add(&job->finished, 1, __ATOMIC_RELEASE);
+    }
+}
+
+static void gpuopt_let_go(gpuopt_job* job) {
+    if (__atomic_sub_fetch(&job->holders, 1, __ATOMIC_ACQ_REL) == 0) __builtin_free(job);
+}
+
+static void* gpuopt_helper(void* job) {
+    gpuopt_claim_chunks(static_cast<gpuopt_job*>(job));
+    gpuopt_let_go(static_cast<gpuopt_job*>(job));
+    return nullptr;
+}
+
+// run(context, c) for every chunk c < total, on `team` threads at most (the caller among them).
+static void gpuopt_run_chunks(const int team, const long long total, void (*run)(const void*, long long),
+                              const void* context) {
+    gpuopt_job* job = team > 1 && total > 1 ? static_cast<gpuopt_job*>(__builtin_malloc(sizeof(gpuopt_job))) : nullptr;
+    if (!job) {  // one thread (or no memory for the job): the caller does it all
+        for (long long c = 0; c < total; ++c) run(context, c);
+        return;
+    }
+    job->run = run;
+    job->context = context;
+    job->total = total;
+    job->next = job->finished = 0;
+    const int helpers = (long long)(team - 1) < total - 1 ? team - 1 : (int)(total - 1);
+    job->holders = 1 + helpers;
+    pthread_attr_t detached;
+    pthread_attr_init(&detached);
+    pthread_attr_setdetachstate(&detached, PTHREAD_CREATE_DETACHED);
+    for (int k = 0; k < helpers; ++k) {
+        pthread_t thread;
+        if (pthread_create(&thread, &detached, gpuopt_helper, job) != 0) gpuopt_let_go(job);
+    }
+    pthread_attr_destroy(&detached);
+    gpuopt_claim_chunks(job);
+    while (__atomic_load_n(&job->finished, __ATOMIC_ACQUIRE) < total) sched_yield();  // claimed, being run
+    gpuopt_let_go(job);
+}
+
 #define GPUOPT_ARRAY(type, i) reinterpret_cast<type>(gpuopt_array_word(a[i], objects))
 
 extern "C" int gpuopt_elementwise(const int threads, const long long objects, const gpuopt_word* a) {
@@ -122,12 +184,16 @@ extern "C" int gpuopt_elementwise(const int threads, const long long objects, co
         gpuopt_update_range(r, 0, n, h, totals);
         return 0;
     }
-#pragma omp parallel for num_threads(team) schedule(static, 1)
-    for (int p = 0; p < team; ++p) {
-        const long long begin = p == 0 ? 0 : (n / team * p) / GPUOPT_ALIGN * GPUOPT_ALIGN;
-        const long long end = p == team - 1 ? n : (n / team * (p + 1)) / GPUOPT_ALIGN * GPUOPT_ALIGN;
-        gpuopt_update_range(r, begin, end, h, totals);
-    }
+    struct context_t {
+        const gpuopt_tensor* r;
+        const gpuopt_compute_t (*h)[GPUOPT_SCALARS_ALLOC];
+        const double* totals;
+    } context = {&r, &h, totals};
+    gpuopt_run_chunks(team, (n + GPUOPT_CHUNK - 1) / GPUOPT_CHUNK, [](const void* p, long long c) {
+        const context_t& k = *static_cast<const context_t*>(p);
+        const long long end = (c + 1) * GPUOPT_CHUNK < k.r->n ? (c + 1) * GPUOPT_CHUNK : k.r->n;
+        gpuopt_update_range(*k.r, c * GPUOPT_CHUNK, end, *k.h, k.totals);
+    }, &context);
     return 0;
 }
 
@@ -148,16 +214,24 @@ extern "C" int gpuopt_multi_tensor(const int threads, const long long objects, c
     gpuopt_compute_t shared[GPUOPT_SCALARS_ALLOC] = {};
     for (int j = 0; j < GPUOPT_SCALARS; ++j) shared[j] = gpuopt_scalar_word(a[7 + j]);
     const int team = chunks > 1 ? gpuopt_team(threads, gpuopt_table_elements(table, tensors)) : 1;
-#pragma omp parallel for num_threads(team) schedule(dynamic, 1) if (team > 1)
-    for (long long c = 0; c < chunks; ++c) {
-        const int t = gpuopt_tensor_of(c, chunk_start, tensors);
-        const gpuopt_tensor r = gpuopt_read_row(table, t);
+    struct context_t {
+        int tensors, per_tensor;
+        const gpuopt_word* table;
+        const long long* chunk_start;
+        const gpuopt_compute_t* scalars;
+        const gpuopt_compute_t (*shared)[GPUOPT_SCALARS_ALLOC];
+        const double* totals;
+    } context = {tensors, per_tensor, table, chunk_start, scalars, &shared, totals};
+    gpuopt_run_chunks(team, chunks, [](const void* p, long long c) {
+        const context_t& k = *static_cast<const context_t*>(p);
+        const int t = gpuopt_tensor_of(c, k.chunk_start, k.tensors);
+        const gpuopt_tensor r = gpuopt_read_row(k.table, t);
         gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];
-        gpuopt_scalars_of(t, per_tensor, scalars, shared, h);
-        const long long begin = (c - chunk_start[t]) * GPUOPT_CHUNK;
+        gpuopt_scalars_of(t, k.per_tensor, k.scalars, *k.shared, h);
+        const long long begin = (c - k.chunk_start[t]) * GPUOPT_CHUNK;
         const long long end = begin + GPUOPT_CHUNK < r.n ? begin + GPUOPT_CHUNK : r.n;
-        gpuopt_update_range(r, begin, end, h, totals + (long long)t * GPUOPT_TOTALS_ALLOC);
-    }
+        gpuopt_update_range(r, begin, end, h, k.totals + (long long)t * GPUOPT_TOTALS_ALLOC);
+    }, &context);
     return 0;
 }
 
@@ -219,18 +293,27 @@ extern "C" int gpuopt_multi_reduce(const int threads, const long long objects, c
     double* partial = static_cast<double*>(__builtin_malloc(sizeof(double) * GPUOPT_TERMS * (__SIZE_TYPE__)(chunks > 0 ? chunks : 1)));
     if (!partial) return 1;
     const int team = chunks > 1 ? gpuopt_team(threads, gpuopt_table_elements(table, tensors)) : 1;
-#pragma omp parallel for num_threads(team) schedule(dynamic, 1) if (team > 1)
-    for (long long c = 0; c < chunks; ++c) {
-        const int t = gpuopt_tensor_of(c, chunk_start, tensors);
-        const gpuopt_tensor r = gpuopt_read_row(table, t);
+    struct context_t {
+        int level, tensors, per_tensor;
+        const gpuopt_word* table;
+        const long long* chunk_start;
+        const gpuopt_compute_t* scalars;
+        const gpuopt_compute_t (*shared)[GPUOPT_SCALARS_ALLOC];
+        const double* totals;
+        double* partial;
+    } context = {level, tensors, per_tensor, table, chunk_start, scalars, &shared, totals, partial};
+    gpuopt_run_chunks(team, chunks, [](const void* p, long long c) {
+        const context_t& k = *static_cast<const context_t*>(p);
+        const int t = gpuopt_tensor_of(c, k.chunk_start, k.tensors);
+        const gpuopt_tensor r = gpuopt_read_row(k.table, t);
         gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];
-        gpuopt_scalars_of(t, per_tensor, scalars, shared, h);
-        const long long begin = (c - chunk_start[t]) * GPUOPT_CHUNK;
+        gpuopt_scalars_of(t, k.per_tensor, k.scalars, *k.shared, h);
+        const long long begin = (c - k.chunk_start[t]) * GPUOPT_CHUNK;
         const long long end = begin + GPUOPT_CHUNK < r.n ? begin + GPUOPT_CHUNK : r.n;
         double sum[GPUOPT_TERMS];
-        gpuopt_pairwise(level, r, begin, end - begin, h, totals + (long long)t * GPUOPT_TOTALS_ALLOC, sum);
-        for (int k = 0; k < GPUOPT_TERMS; ++k) partial[c * GPUOPT_TERMS + k] = sum[k];
-    }
+        gpuopt_pairwise(k.level, r, begin, end - begin, h, k.totals + (long long)t * GPUOPT_TOTALS_ALLOC, sum);
+        for (int j = 0; j < GPUOPT_TERMS; ++j) k.partial[c * GPUOPT_TERMS + j] = sum[j];
+    }, &context);
     for (int t = 0; t < tensors; ++t) {  // each tensor's chunks in order, from 0.0
         double sum[GPUOPT_TERMS];
         for (int k = 0; k < GPUOPT_TERMS; ++k) sum[k] = 0.0;
@@ -249,12 +332,16 @@ extern "C" int gpuopt_copy(const int threads, const long long objects, const gpu
     char* dst = GPUOPT_ARRAY(char*, 0);
     const char* src = GPUOPT_ARRAY(const char*, 1);
     const long long bytes = (long long)a[2];
-    const int team = gpuopt_team(threads, bytes / 8);
-#pragma omp parallel for num_threads(team) schedule(static, 1) if (team > 1)
-    for (int p = 0; p < team; ++p) {
-        const long long begin = p == 0 ? 0 : (bytes / team * p) / 4096 * 4096;
-        const long long end = p == team - 1 ? bytes : (bytes / team * (p + 1)) / 4096 * 4096;
-        __builtin_memcpy(dst + begin, src + begin, (__SIZE_TYPE__)(end - begin));
-    }
+    struct context_t {
+        char* dst;
+        const char* src;
+        long long bytes;
+    } context = {dst, src, bytes};
+    const long long piece = 1 << 20;
+    gpuopt_run_chunks(gpuopt_team(threads, bytes / 8), (bytes + piece - 1) / piece, [](const void* p, long long c) {
+        const context_t& k = *static_cast<const context_t*>(p);
+        const long long begin = c * (1 << 20), end = begin + (1 << 20) < k.bytes ? begin + (1 << 20) : k.bytes;
+        __builtin_memcpy(k.dst + begin, k.src + begin, (__SIZE_TYPE__)(end - begin));
+    }, &context);
     return 0;
 }

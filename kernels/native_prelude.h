@@ -3,8 +3,8 @@
 // A native module is this file, then the generated part of the CUDA module (types, sizes,
 // gpuopt_step() and gpuopt_terms(), printed once from the rule definitions), then
 // kernels/native.cpp. The CUDA qualifiers become plain inline functions, and the maths
-// functions the printer spells are the compilers' built-ins (no headers: a module compiles
-// in a fraction of a second). The built-ins are IEEE-exact, as NumPy's ufuncs are.
+// functions the printer spells are the compilers' built-ins (no maths headers: a module
+// compiles in a fraction of a second). The built-ins are IEEE-exact, as NumPy's ufuncs are.
 
 #define __device__
 #define __forceinline__ inline __attribute__((always_inline))

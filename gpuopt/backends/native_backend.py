@@ -8,7 +8,7 @@ compiler's version, safe when several threads or processes build it at once) and
 ctypes. The host logic is the kernel backend's: one call per dtype group over a table of
 pointers and sizes, reused while the arrays stay, and the prepared repeat of an update.
 
-Flags: optimised, threads through OpenMP, no fast-math and no FMA contraction, so that every
+Flags: optimised, vectorised (OpenMP's simd loops), no fast-math and no FMA contraction, so that every
 result equals the NumPy executor's bit for bit. ``-march=native`` is used where the compiler
 accepts it; the CPU it builds for is part of the cache key.
 """
@@ -22,7 +22,6 @@ import platform
 import struct
 import subprocess
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,11 @@ from .nvrtc import cache_dir  # the one per-user cache folder (native modules go
 #: the flags every native module is built with: bit-identical to NumPy (no fast-math, no
 #: contraction into FMA; -fno-math-errno only lets sqrt be an instruction), optimised and
 #: vectorised
-BASE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno",
+BASE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno",
               "-w")
-#: tried in order until one builds: with OpenMP and this CPU's instruction set, then without
-#: -march=native, then single-threaded (OpenMP's simd loops only, then nothing optional)
-OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-fopenmp-simd",), ())
+#: tried in order until one builds: this CPU's instruction set and OpenMP's simd loops (no
+#: OpenMP runtime: the threads are the driver's own), then each left out
+OPTIONAL_FLAGS = (("-march=native", "-fopenmp-simd"), ("-fopenmp-simd",), ())
 
 
 def cpu_threads() -> int:
@@ -76,20 +75,6 @@ def _target() -> str:
     return f"{platform.machine()} {platform.processor()}\n{flags}"
 
 
-_devices: weakref.WeakSet = weakref.WeakSet()
-
-
-def _one_thread_after_fork() -> None:
-    # OpenMP's worker threads do not survive fork(): a forked child that started a parallel
-    # region would wait for them forever, so it updates on its own thread.
-    for device in list(_devices):
-        device.cpu_threads = 1
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_one_thread_after_fork)
-
-
 class NativeDevice:
     """The CPU as a device of the kernel backend: NumPy arrays, native modules, OpenMP threads."""
 
@@ -106,7 +91,6 @@ class NativeDevice:
         self._libraries: dict[str, ctypes.CDLL] = {}
         self._functions: dict[tuple[str, str], Callable] = {}
         self._locks: dict[str, threading.Lock] = {}  # (other processes: cxx_build makes them safe)
-        _devices.add(self)
 
     # -- the Device protocol -----------------------------------------------------------------
 
