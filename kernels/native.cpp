@@ -24,14 +24,14 @@
 //
 // Vectorisation (GCC 12, -fopt-info-vec, checked once on an AVX-512 EPYC): the update loop of
 // gpuopt_update_range and the terms loop of gpuopt_pairwise are vectorised with 64-byte
-// vectors for float32 and float64; float16 loops are not (GCC 12 has no vector type for
+// vectors for float32 and float64 (fmax/fmin too: see native_prelude.h); float16 loops are not (GCC 12 has no vector type for
 // _Float16 without AVX512-FP16), so float16 converts one element at a time.
 
 #include <pthread.h>
 
 typedef unsigned long long gpuopt_word;
 
-#define GPUOPT_THREAD_MIN 65536  // fewer elements per thread than this: fewer threads (waking one costs)
+#define GPUOPT_THREAD_MIN (1 << 19)  // fewer elements per thread than this: fewer threads (starting one costs tens of us)
 
 struct gpuopt_tensor {
     gpuopt_param_t* x;

@@ -13,7 +13,14 @@ static inline __attribute__((always_inline)) float sqrtf(const float a) { return
 static inline __attribute__((always_inline)) double sqrt(const double a) { return __builtin_sqrt(a); }
 static inline __attribute__((always_inline)) float fabsf(const float a) { return __builtin_fabsf(a); }
 static inline __attribute__((always_inline)) double fabs(const double a) { return __builtin_fabs(a); }
-static inline __attribute__((always_inline)) float fmaxf(const float a, const float b) { return __builtin_fmaxf(a, b); }
-static inline __attribute__((always_inline)) double fmax(const double a, const double b) { return __builtin_fmax(a, b); }
-static inline __attribute__((always_inline)) float fminf(const float a, const float b) { return __builtin_fminf(a, b); }
-static inline __attribute__((always_inline)) double fmin(const double a, const double b) { return __builtin_fmin(a, b); }
+// fmax/fmin as comparisons, which vectorise (the library calls do not): a NaN operand is
+// ignored, as C's and NumPy's fmax/fmin do. (Between +0 and -0 either may come back; NumPy
+// itself answers differently for short and long arrays.)
+template <typename T>
+static inline __attribute__((always_inline)) T gpuopt_fmax(const T a, const T b) { return a > b || b != b ? a : b; }
+template <typename T>
+static inline __attribute__((always_inline)) T gpuopt_fmin(const T a, const T b) { return a < b || b != b ? a : b; }
+static inline __attribute__((always_inline)) float fmaxf(const float a, const float b) { return gpuopt_fmax(a, b); }
+static inline __attribute__((always_inline)) double fmax(const double a, const double b) { return gpuopt_fmax(a, b); }
+static inline __attribute__((always_inline)) float fminf(const float a, const float b) { return gpuopt_fmin(a, b); }
+static inline __attribute__((always_inline)) double fmin(const double a, const double b) { return gpuopt_fmin(a, b); }
