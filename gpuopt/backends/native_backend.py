@@ -76,7 +76,7 @@ def _target() -> str:
 
 
 class NativeDevice:
-    """The CPU as a device of the kernel backend: NumPy arrays, native modules, OpenMP threads."""
+    """The CPU as a device of the kernel backend: NumPy arrays, native modules, its own threads."""
 
     xp = np
     threads = 1  # (the kernel backend's launch geometry means nothing here)
