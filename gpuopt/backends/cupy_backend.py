@@ -6,8 +6,11 @@ the dtypes; hyperparameter values are kernel arguments and never cause a compile
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from operator import attrgetter
 from typing import Any
 
 from .cuda_source import NVRTC_OPTIONS, cuda_include_options
@@ -15,7 +18,8 @@ from .kernel_backend import KernelBackend
 
 
 class CupyDevice:
-    """Kernels launched on the current CUDA device with CuPy."""
+    """Kernels launched with CuPy, on the GPU that holds the arrays and the caller's stream:
+    CuPy's current stream for CuPy arrays, PyTorch's current stream for torch tensors."""
 
     threads = 256
     max_blocks = 1 << 20
@@ -39,9 +43,44 @@ class CupyDevice:
         function = self._function(source, name, self.xp.cuda.runtime.getDevice())
         return lambda blocks, threads, args: function((blocks,), (threads,), tuple(args))
 
+    pointer = staticmethod(attrgetter("data.ptr"))
+
+    # -- placement (kernel_backend.Placement) ---------------------------------------------
+
+    device_of = staticmethod(attrgetter("data.device_id"))
+
+    def caller_stream(self, framework: str, device: int) -> Any:
+        if framework == "torch":
+            # torch is imported: one of its tensors is being updated.
+            return self._wrapped(sys.modules["torch"].cuda.current_stream(device))
+        return self.xp.cuda.get_current_stream(device)
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - torch streams compare by handle: a handful
+    def _wrapped(self, torch_stream: Any) -> Any:
+        return self.xp.cuda.Stream.from_external(torch_stream)
+
     @staticmethod
-    def pointer(array: Any) -> int:
-        return array.data.ptr
+    def is_capturing(stream: Any) -> bool:
+        return bool(stream.is_capturing())
+
+    @contextlib.contextmanager
+    def scope(self, device: int, stream: Any) -> Iterator[None]:
+        cuda = self.xp.cuda
+        with contextlib.ExitStack() as stack:
+            if cuda.runtime.getDevice() != device:
+                stack.enter_context(cuda.Device(device))
+            if stream is not None:
+                stack.enter_context(stream)
+            yield
+
+    def follow(self, earlier: Any, stream: Any) -> None:
+        stream.wait_event(earlier.record())
+
+    @staticmethod
+    def upload(target: Any, host: Any) -> None:
+        # An asynchronous copy on the current stream; the driver stages pageable memory
+        # before returning, so the host buffer may change right after.
+        target.data.copy_from_host_async(host.ctypes.data, host.nbytes)
 
 
 BACKEND = KernelBackend(CupyDevice())
