@@ -67,7 +67,7 @@ def _run_host(args: argparse.Namespace) -> int:
     from .host import format_host_report, host_benchmark
 
     report = host_benchmark(calls=args.host_calls, layers=args.model_layers, width=args.model_width,
-                            use_torch=args.torch)
+                            many=args.host_many, use_torch=args.torch)
     print(format_host_report(report), flush=True)
     if args.json:
         print(f"wrote {write_json(report, args.json)}")
