@@ -62,8 +62,7 @@ def test_prepared_path_taken_every_step_after_the_first(noop, kind, new_grads, c
 
     def loop():
         for _ in range(10):
-            gpuopt.update(opt, params, make(SIZES) if new_grads else fixed)
-            gc.collect()  # last step's gradients die before the next step, as in a real loop
+            gpuopt.update(opt, params, make(SIZES) if new_grads else fixed)  # new ones die right after
 
     assert _paths(loop) == {"full": 1, "prepared": 9}
     assert all(leaf.state_for(p).t == 10 for leaf in opt.leaves() for p in params)
@@ -159,6 +158,14 @@ def test_bench_host_writes_json_with_host_targets(tmp_path, capsys):
     adam = report["cases"]["ADAM/new"]
     assert adam["prepared_calls"] == 5 and adam["full_calls"] == 0
     assert "host_gpt2_adam_new_grads_us" in capsys.readouterr().out
+
+
+def test_host_launches_need_a_gpu(capsys, monkeypatch):
+    from gpuopt import dispatch
+
+    monkeypatch.setattr(dispatch, "gpu_available", lambda: False)
+    assert main(["bench", "--host", "--host-launches", "--quiet"]) == 2
+    assert "needs CuPy and a usable CUDA GPU" in capsys.readouterr().err
 
 
 def test_host_benchmark_measures_the_prepared_path_with_torch():

@@ -15,6 +15,7 @@ from typing import Any
 
 from .cuda_source import NVRTC_OPTIONS, cuda_include_options
 from .kernel_backend import KernelBackend
+from .strided import StridedKernel
 
 
 class CupyDevice:
@@ -44,6 +45,12 @@ class CupyDevice:
         return lambda blocks, threads, args: function((blocks,), (threads,), tuple(args))
 
     pointer = staticmethod(attrgetter("data.ptr"))
+
+    @functools.cache  # noqa: B019 - one device object lives for the process
+    def elementwise(self, kernel: StridedKernel) -> Callable[..., None]:
+        # No FMA contraction, as the raw kernels (NVRTC_OPTIONS): both paths round alike.
+        return self.xp.ElementwiseKernel(kernel.in_params, kernel.out_params, kernel.operation, kernel.name,
+                                         preamble=kernel.preamble, options=("--fmad=false",), no_return=True)
 
     # -- placement (kernel_backend.Placement) ---------------------------------------------
 

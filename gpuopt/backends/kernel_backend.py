@@ -26,6 +26,7 @@ from ..plan import Program
 from .cuda_source import module_source
 from .numpy_backend import compute_dtype
 from .protocol import Job
+from .strided import StridedKernel, strided_kernel
 
 CHUNK = 65536  # elements per chunk of the multi-tensor kernels (GPUOPT_CHUNK in kernels/)
 VEC = 4  # elements per thread per iteration (GPUOPT_VEC)
@@ -72,6 +73,16 @@ class Placement(Protocol):
     def upload(self, target: Any, host: np.ndarray) -> None:
         """Copy ``host`` into the contiguous device array ``target``, queued on the current
         stream; ``host`` may be changed as soon as this returns."""
+        ...
+
+
+@runtime_checkable
+class StridedDevice(Protocol):
+    """A device that builds ``cupy.ElementwiseKernel``-like kernels, which index each array by
+    its strides: non-contiguous arrays are then updated in place (see :mod:`.strided`)."""
+
+    def elementwise(self, kernel: StridedKernel) -> Callable[..., None]:
+        """The kernel, called with its inputs then its outputs (arrays of one shape, scalars)."""
         ...
 
 
@@ -175,6 +186,11 @@ class KernelBackend:
             with place.scope(device, place.caller_stream(framework, device)):
                 for (param, grad), positions in _dtype_groups(placed).items():
                     group = [placed[i] for i in positions]
+                    if isinstance(self.device, StridedDevice) and not program.levels:
+                        strided = [job for job in group if not (job.x.flags.c_contiguous and job.g.flags.c_contiguous)]
+                        for job in strided:
+                            self._strided(program, param, grad, job, apply)
+                        group = [job for job in group if not any(job is other for other in strided)]
                     flat = [(job, _contiguous(self.xp, job.x), _contiguous(self.xp, job.g)) for job in group]
                     launch = self._group_launcher(program, param, grad, flat, apply, device)
                     launch([job.scalars for job in group])
@@ -259,6 +275,22 @@ class KernelBackend:
         if len(kept) == len(flat):
             return launch
         return lambda rows: launch([rows[i] for i in kept])
+
+    def _strided(self, program: Program, param: np.dtype, grad: np.dtype, job: Job, apply: bool) -> None:
+        """One non-contiguous array, updated in place by one element-wise launch."""
+        if not job.x.size:
+            return
+        ct = compute_dtype(param)
+        kernel = self.device.elementwise(strided_kernel(program, param, grad, apply))  # type: ignore[attr-defined]
+        shape = job.x.shape
+        scalars = [ct.type(v) for v in job.scalars]
+        slots = [slot.reshape(shape) for slot in job.slots]
+        inputs = [job.x, job.g, *scalars] if apply else [job.g, *scalars]
+        outputs = [job.out if apply else job.x, *slots]
+        for counter in self._counters:
+            counter.launches += 1
+            counter.names.append("gpuopt_strided")
+        kernel(*inputs, *outputs)
 
     def _elementwise(self, source: str, ct: np.dtype, entry: tuple, apply: bool, device: int) -> Callable:
         job, x, g = entry

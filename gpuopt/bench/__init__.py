@@ -64,10 +64,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _run_host(args: argparse.Namespace) -> int:
+    from ..dispatch import gpu_available
     from .host import format_host_report, host_benchmark
 
+    if args.host_launches and not gpu_available():
+        print("gpuopt bench: error: --host-launches needs CuPy and a usable CUDA GPU", file=sys.stderr)
+        return 2
     report = host_benchmark(calls=args.host_calls, layers=args.model_layers, width=args.model_width,
-                            many=args.host_many, use_torch=args.torch)
+                            many=args.host_many, use_torch=args.torch, launches=args.host_launches)
     print(format_host_report(report), flush=True)
     if args.json:
         print(f"wrote {write_json(report, args.json)}")

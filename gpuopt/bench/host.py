@@ -16,6 +16,7 @@ as a CuPy array's. Each figure is the median over many calls (the machine may be
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import math
@@ -92,7 +93,8 @@ def _median_us(times: list[float]) -> float:
     return statistics.median(times) * 1e6
 
 
-def _time_calls(opt: Rule, params: list, make_grads: Callable[[], list], calls: int, new: bool) -> dict[str, Any]:
+def _time_calls(opt: Rule, params: list, make_grads: Callable[[], list], calls: int, new: bool,
+                sync: Callable[[], None]) -> dict[str, Any]:
     grads = make_grads()
     for _ in range(3):  # the first call creates state and prepares; the others warm up
         update(opt, params, grads)
@@ -103,6 +105,7 @@ def _time_calls(opt: Rule, params: list, make_grads: Callable[[], list], calls: 
         for _ in range(calls):
             if new:
                 grads = make_grads()
+            sync()  # an empty launch queue: a launch never waits for a free slot while timed
             start = time.perf_counter()
             update(opt, params, grads)
             times.append(time.perf_counter() - start)
@@ -113,30 +116,32 @@ def _time_calls(opt: Rule, params: list, make_grads: Callable[[], list], calls: 
             "prepared_calls": prepared, "full_calls": calls - prepared}
 
 
-def _numpy_case(factory: Callable[[], Rule], shapes: list[tuple[int, ...]], calls: int, new: bool) -> dict[str, Any]:
-    params = [_zeros(shape) for shape in shapes]
-    fixed = [_zeros(shape) for shape in shapes]
+def _array_case(xp: Any, factory: Callable[[], Rule], shapes: list[tuple[int, ...]], calls: int, new: bool,
+                sync: Callable[[], None]) -> dict[str, Any]:
+    params = [xp.zeros(shape, dtype=np.float32) for shape in shapes]
+    fixed = [xp.zeros(shape, dtype=np.float32) for shape in shapes]
 
     def make_grads() -> list:
-        return [_empty(shape) for shape in shapes] if new else fixed
+        return [xp.empty(shape, dtype=np.float32) for shape in shapes] if new else fixed
 
     opt = factory()
     try:
-        return _time_calls(opt, params, make_grads, calls, new)
+        return _time_calls(opt, params, make_grads, calls, new, sync)
     finally:
         opt.reset()
 
 
-def _torch_case(torch: Any, shapes: list[tuple[int, ...]], calls: int, new: bool) -> dict[str, Any]:
-    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
-    fixed = [torch.zeros(shape) for shape in shapes]
+def _torch_case(torch: Any, device: str, shapes: list[tuple[int, ...]], calls: int, new: bool,
+                sync: Callable[[], None]) -> dict[str, Any]:
+    params = [torch.nn.Parameter(torch.zeros(shape, device=device)) for shape in shapes]
+    fixed = [torch.zeros(shape, device=device) for shape in shapes]
 
     def make_grads() -> list:
-        return [torch.empty(shape) for shape in shapes] if new else fixed
+        return [torch.empty(shape, device=device) for shape in shapes] if new else fixed
 
     opt = ADAM()
     try:
-        return _time_calls(opt, params, make_grads, calls, new)
+        return _time_calls(opt, params, make_grads, calls, new, sync)
     finally:
         opt.reset()
 
@@ -148,48 +153,68 @@ CHAINS: dict[str, Callable[[], Rule]] = {
 
 
 def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: int = 1000,
-                   use_torch: bool = True) -> dict[str, Any]:
-    """Every host-time case; returns the report (``targets`` included) that ``--json`` writes."""
-    from .devices import NumpyDevice
+                   use_torch: bool = True, launches: bool = False) -> dict[str, Any]:
+    """Every host-time case; returns the report (``targets`` included) that ``--json`` writes.
+    ``launches`` runs them on the GPU with real launches (synchronised before each timed call)."""
+    from .devices import CupyDevice, NumpyDevice
     from .runner import _versions
 
     shapes = [shape for _, shape in gpt2_shapes(layers, width)]
     many_shapes = [(4096,)] * many
     cases: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
-    device = NoopDevice()
     started = time.perf_counter()
-    with backend_override("numpy", KernelBackend(device)):
+    if launches:
+        import cupy
+
+        xp, torch_device, sync = cupy, "cuda", cupy.cuda.get_current_stream().synchronize
+        context: Any = contextlib.nullcontext()
+        gpu = CupyDevice()
+        device_info = {"name": gpu.name(), "backend": "host-cupy", **gpu.info()}
+    else:
+        xp, torch_device, sync = NOOP_ARRAYS, "cpu", _nothing
+        context = backend_override("numpy", KernelBackend(NoopDevice()))
+        device_info = {"name": NumpyDevice().name(), "backend": "host-noop", **NumpyDevice().info()}
+    torch = _torch() if use_torch else None
+    if use_torch and torch is None:
+        notes.append("PyTorch is not importable: the torch cases were not measured")
+    with context:
         for new in (False, True):
             kind = "new" if new else "same"
-            cases[f"ADAM/{kind}"] = _numpy_case(ADAM, shapes, calls, new)
+            cases[f"ADAM/{kind}"] = _array_case(xp, ADAM, shapes, calls, new, sync)
             gc.collect()
-            cases[f"ADAM/{kind}/{many}"] = _numpy_case(ADAM, many_shapes, calls, new)
+            cases[f"ADAM/{kind}/{many}"] = _array_case(xp, ADAM, many_shapes, calls, new, sync)
             for name, factory in CHAINS.items():
-                cases[f"{name}/{kind}"] = _numpy_case(factory, shapes, calls, new)
+                cases[f"{name}/{kind}"] = _array_case(xp, factory, shapes, calls, new, sync)
             gc.collect()
-            torch = _torch() if use_torch else None
             if torch is not None:
-                cases[f"torch ADAM/{kind}"] = _torch_case(torch, shapes, calls, new)
+                sync_torch = torch.cuda.synchronize if launches else _nothing
+                cases[f"torch ADAM/{kind}"] = _torch_case(torch, torch_device, shapes, calls, new, sync_torch)
                 gc.collect()
-            elif use_torch:
-                notes.append("PyTorch is not importable: the torch cases were not measured")
     report: dict[str, Any] = {
         "schema": 1,
         "kind": "host",
-        "device": {"name": NumpyDevice().name(), "backend": "host-noop", **NumpyDevice().info()},
+        "device": device_info,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "config": {"calls": calls, "tensors": len(shapes), "layers": layers, "width": width,
                    "parameters": sum(math.prod(s) for s in shapes), "many": many, "dtype": "float32",
                    "rules": ["ADAM", *CHAINS],
-                   "timer": "time.perf_counter per call, median", "device": "NoopDevice (nothing launched)"},
+                   "timer": "time.perf_counter per call, median",
+                   "device": "CuPy, real launches" if launches else "NoopDevice (nothing launched)"},
         "cases": cases,
         "notes": notes,
         "elapsed_s": time.perf_counter() - started,
     }
     report["targets"] = host_targets(report)
     return report
+
+
+def _nothing() -> None:
+    pass
+
+
+NOOP_ARRAYS = SimpleNamespace(zeros=_zeros, empty=_empty)
 
 
 def _torch() -> Any:
@@ -222,7 +247,7 @@ def host_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             target(f"host_{tag}gpt2_adam_{kind}_grads_us",
                    f"host: GPT-2 small ({report['config']['tensors']} tensors) ADAM, {kind} gradient {who} "
                    f"every step, at most {limit:g} us per update",
-                   value, limit, "median host time per update call, no-op device")
+                   value, limit, f"median host time per update call, {report['config']['device']}")
     for kind in ("same", "new"):
         base, big = us(f"ADAM/{kind}"), us(f"ADAM/{kind}/{many}")
         target(f"host_{many}_tensors_{kind}_grads_ratio",
@@ -242,7 +267,7 @@ def host_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 def format_host_report(report: dict[str, Any]) -> str:
     c = report["config"]
     lines = [f"gpuopt host time per update call on {report['device']['name']} ({report['date']})",
-             f"no-op device (nothing launched), {c['tensors']} tensors ({c['parameters'] / 1e6:.1f}M parameters), "
+             f"{c['device']}, {c['tensors']} tensors ({c['parameters'] / 1e6:.1f}M parameters), "
              f"median of {c['calls']} calls", ""]
     lines.append(f"{'case':<40} {'median':>10} {'min':>10} {'prepared/full':>14}")
     for name, case in report["cases"].items():

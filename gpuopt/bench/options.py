@@ -139,6 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "PyTorch tensors) with a device that launches nothing; runs on any machine")
     parser.add_argument("--host-calls", type=positive_int, default=500, metavar="N",
                         help="update calls timed per --host case, the median is reported (default: 500)")
+    parser.add_argument("--host-launches", action="store_true",
+                        help="with --host: run on the GPU with real launches instead of the no-op device")
     parser.add_argument("--host-many", type=positive_int, default=1000, metavar="N",
                         help="tensors of the --host case that compares many tensors with GPT-2's (default: 1000)")
     parser.add_argument("--fail-on-targets", action="store_true",
