@@ -219,7 +219,7 @@ class KernelBackend:
                                                 device, owned=True)
                         launchers.append((launcher, kept))
             parts.append(_PreparedPart(device, framework, launchers))
-        return PreparedKernels(self, parts)
+        return PreparedKernels(self, parts, len(jobs))
 
     @contextlib.contextmanager
     def count_launches(self) -> Iterator[LaunchCounter]:
@@ -344,6 +344,7 @@ class _MultiTensor:
         self.placeholder = backend._placeholder(device)
         self.stale_table = False  # the host table changed since the last upload
         self._upload: dict[str, Any] = {}
+        self._uniform_args = self._common(0, self.placeholder)  # (the table is refreshed in place)
 
     def _build(self, tables: _Tables, host: np.ndarray, program: Program) -> None:
         xp = self.backend.xp
@@ -362,17 +363,17 @@ class _MultiTensor:
         else:
             tables.totals = tables.partials = tables.done = self.backend._placeholder(self.device)
 
-    def set_gradient_pointers(self, column: np.ndarray) -> None:
-        if not np.array_equal(self.host[:, 1], column):
-            self.host[:, 1] = column
-            self.stale_table = True
+    def set_gradient_pointers(self, column: Any) -> None:
+        self.host[:, 1] = column
+        self.stale_table = True
 
     def launch_uniform(self, scalars: Sequence[float]) -> None:
         """Every tensor at the same step: the scalars go by value, nothing else is copied."""
         if self.stale_table:
             self.backend.placement.upload(self.table, self.host)
             self.stale_table = False
-        self._launches(0, self.placeholder, [self.ct.type(v) for v in scalars])
+        ct = self.ct.type
+        self._launches(self._uniform_args, [ct(v) for v in scalars])
 
     def launch(self, rows: Sequence[Sequence[float]]) -> None:
         first = rows[0]
@@ -385,12 +386,14 @@ class _MultiTensor:
         upload = self._upload
         if "host" not in upload or not np.array_equal(upload["host"], matrix):
             upload["host"], upload["device"] = matrix, self.backend.xp.asarray(matrix)
-        self._launches(1, upload["device"], [self.ct.type(0)] * self.scalar_count)
+        self._launches(self._common(1, upload["device"]), [self.ct.type(0)] * self.scalar_count)
 
-    def _launches(self, per_tensor: int, scalars: Any, by_value: list[Any]) -> None:
+    def _common(self, per_tensor: int, scalars: Any) -> list[Any]:
+        return [np.int32(self.tensors), np.int64(self.chunks), self.table, self.chunk_start,
+                np.int32(per_tensor), scalars]
+
+    def _launches(self, common: list[Any], by_value: list[Any]) -> None:
         launch, source, blocks = self.backend._launch, self.source, self.blocks
-        common = [np.int32(self.tensors), np.int64(self.chunks), self.table, self.chunk_start,
-                  np.int32(per_tensor), scalars]
         for level in range(1, self.levels + 1):
             launch(source, "gpuopt_multi_reduce", blocks,
                    [np.int32(level), *common, self.totals, self.partials, self.done, *by_value])
@@ -411,11 +414,13 @@ class _PreparedPart:
 class PreparedKernels:
     """The launches of a prepared update (:class:`~gpuopt.backends.protocol.PreparedLaunch`)."""
 
-    def __init__(self, backend: KernelBackend, parts: list[_PreparedPart]):
+    def __init__(self, backend: KernelBackend, parts: list[_PreparedPart], arrays: int):
         self.backend = backend
         self.parts = parts
         self.pointer = backend.device.pointer
         self._streams: list[Any] = [None] * len(parts)
+        launchers = [entry for part in parts for entry in part.launchers]
+        self._everything = len(launchers) == 1 and launchers[0][1] == list(range(arrays))
 
     def check_launchable(self) -> None:
         """Find each part's stream now, and refuse one that is capturing a graph."""
@@ -435,6 +440,9 @@ class PreparedKernels:
                     launcher.launch_uniform(scalars)
 
     def set_gradient_pointers(self, pointers: Sequence[int]) -> None:
+        if self._everything:  # one launcher over every array, in order: no reordering needed
+            self.parts[0].launchers[0][0].set_gradient_pointers(pointers)
+            return
         column = np.array(pointers, dtype=np.uint64)
         for part in self.parts:
             for launcher, positions in part.launchers:
