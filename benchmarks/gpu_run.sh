@@ -19,5 +19,7 @@ tests=${PIPESTATUS[0]}
 python3 -m gpuopt bench --json "$out/$stamp-bench.json" --plot "$out/$stamp-bench.png" "$@" 2>&1 \
     | tee "$out/$stamp-bench.txt"
 bench=${PIPESTATUS[0]}
+python3 -m gpuopt bench --host --host-launches --json "$out/$stamp-host.json" 2>&1 | tee "$out/$stamp-host.txt"
+python3 -m gpuopt bench --host --json "$out/$stamp-host-noop.json" 2>&1 | tee "$out/$stamp-host-noop.txt"
 echo "pytest exit $tests, bench exit $bench; results in $out/$stamp-*"
 exit $(( tests || bench ))

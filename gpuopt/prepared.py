@@ -62,19 +62,25 @@ class _ArrayKind:
             tensor = sys.modules["torch"].Tensor
             self.pointer = tensor.data_ptr
             self.layout: tuple[Callable[[Any], Any], ...] = (
-                attrgetter("dtype", "shape"), tensor.get_device, tensor.is_contiguous)
+                attrgetter("dtype"), attrgetter("shape"), tensor.get_device, tensor.is_contiguous)
         elif module == "cupy":
             self.pointer = attrgetter("data.ptr")
-            self.layout = (attrgetter("dtype", "shape", "strides", "data.device_id"),)
+            self.layout = (attrgetter("dtype"), attrgetter("shape"), attrgetter("strides"),
+                           attrgetter("data.device_id"))
         else:  # the backend's own arrays
             self.pointer = POINTER_READERS.get(kind, device_pointer)
-            self.layout = (attrgetter("dtype", "shape", "strides"),)
+            self.layout = (attrgetter("dtype"), attrgetter("shape"), attrgetter("strides"))
+        # (one attribute per pass over the arrays: cheaper than a tuple per array)
 
     def pointers(self, arrays: Sequence[Any]) -> list[int]:
         return list(map(self.pointer, arrays))
 
     def layouts(self, arrays: Sequence[Any]) -> list[list[Any]]:
         return [list(map(read, arrays)) for read in self.layout]
+
+    def same_layouts(self, arrays: Sequence[Any], expected: list[list[Any]]) -> bool:
+        """Whether ``arrays`` have the layouts ``expected`` (stops at the first difference)."""
+        return all(list(map(read, arrays)) == want for read, want in zip(self.layout, expected))
 
 
 class PreparedUpdate:
@@ -124,7 +130,7 @@ class PreparedUpdate:
     def _take_gradients(self, grads: Sequence[Any], ids: tuple[int, ...]) -> bool:
         """Swap in new gradient arrays if each is like the one it replaces; False, changing
         nothing, if any is not (None, another dtype, shape, layout or device)."""
-        if list(map(type, grads)) != self.grad_types or self.grad_kind.layouts(grads) != self.grad_layouts:
+        if list(map(type, grads)) != self.grad_types or not self.grad_kind.same_layouts(grads, self.grad_layouts):
             return False
         self.launch.set_gradient_pointers(self.grad_kind.pointers(grads))
         if ids == self.grad_ids:
