@@ -7,10 +7,17 @@ Launch policy for one ``update`` call, per (param dtype, grad dtype) group of ar
   ``gpuopt_multi_reduce`` launch per reduction pass, then one ``gpuopt_multi_tensor``
   launch. Their table of pointers and sizes is rebuilt only when the arrays change.
 - a collection update repeated on the same arrays (``prepare``): the multi-tensor kernels
-  always, launched with nothing but the host scalars computed anew.
+  always, launched with nothing but the host scalars computed anew;
+- a non-contiguous array, where the device builds element-wise kernels (:class:`StridedDevice`)
+  and the chain needs no reduction: one strided launch, in place (:mod:`.strided`); otherwise
+  the kernels run on a contiguous copy that is written back.
+
+Work goes to the GPU that holds each parameter, on the stream its framework currently uses
+there, and is refused during CUDA graph capture (:class:`Placement`).
 
 The host logic here is written against a :class:`Device`: CuPy on a GPU, or (in the tests)
-the same CUDA text compiled for the CPU, so the tables and chunking are tested without a GPU.
+the same CUDA text compiled for the CPU, fake GPUs and streams, or a device that launches
+nothing (the host-time benchmark), so tables, chunking and placement are tested without a GPU.
 """
 
 from __future__ import annotations
@@ -158,7 +165,7 @@ class KernelBackend:
         # any size starts aligned for vector access; the state is the unpadded view.
         padded = -(-size // ROW_ALIGN) * ROW_ALIGN
         place = self.placement
-        with place.scope(0 if like is None else place.device_of(like), None):
+        with contextlib.nullcontext() if like is None else place.scope(place.device_of(like), None):
             state = self.xp.empty((len(initial), padded), dtype=dtype)[:, :size]
             for i, value in enumerate(initial):
                 state[i].fill(value)
@@ -187,10 +194,13 @@ class KernelBackend:
                 for (param, grad), positions in _dtype_groups(placed).items():
                     group = [placed[i] for i in positions]
                     if isinstance(self.device, StridedDevice) and not program.levels:
-                        strided = [job for job in group if not (job.x.flags.c_contiguous and job.g.flags.c_contiguous)]
-                        for job in strided:
-                            self._strided(program, param, grad, job, apply)
-                        group = [job for job in group if not any(job is other for other in strided)]
+                        contiguous = []
+                        for job in group:  # strided arrays in place, one launch each
+                            if job.x.flags.c_contiguous and job.g.flags.c_contiguous:
+                                contiguous.append(job)
+                            else:
+                                self._strided(program, param, grad, job, apply)
+                        group = contiguous
                     flat = [(job, _contiguous(self.xp, job.x), _contiguous(self.xp, job.g)) for job in group]
                     launch = self._group_launcher(program, param, grad, flat, apply, device)
                     launch([job.scalars for job in group])
