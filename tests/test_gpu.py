@@ -379,3 +379,13 @@ def test_state_and_launches_on_the_parameters_device():
     assert all(opt.state_for(p).slots.device.id == 1 for p in params)
     for a, b in zip(params, _numpy_reference(RULES["ADAM"], host, steps)):
         np.testing.assert_allclose(a.get(), b, rtol=1e-5, atol=1e-7)
+
+
+def test_host_benchmark_with_real_launches():
+    from gpuopt.bench.host import host_benchmark
+
+    report = host_benchmark(calls=5, layers=1, width=64, many=20, launches=True)
+    assert report["device"]["backend"] == "host-cupy"
+    for name in ("ADAM/same", "ADAM/new", "ADAM/new/20", "ClipNorm+ADAM/new"):
+        assert report["cases"][name]["prepared_calls"] == 5, name
+    assert all("host" in t["id"] for t in report["targets"])
