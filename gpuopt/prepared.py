@@ -55,8 +55,7 @@ class _ArrayKind:
     stay the same for a new array to take an old one's place in the tables."""
 
     def __init__(self, kind: type, device_pointer: Callable[[Any], int]):
-        module = kind.__module__.split(".")[0]
-        self.kind = kind
+        module = _family(kind)
         self.torch = module == "torch"
         if self.torch:
             tensor = sys.modules["torch"].Tensor
@@ -105,7 +104,7 @@ class PreparedUpdate:
         self.param_ids = tuple(map(id, params))
         # A torch parameter keeps its identity when its storage is replaced (p.data = ...).
         self.param_pointers = param_kind.pointers(params) if param_kind.torch else None
-        self.grad_types = [grad_kind.kind] * len(grads)
+        self.grad_types = list(map(type, grads))
         self.grad_layouts = grad_kind.layouts(grads)
         self._use_gradients(grads)
         # One step count per rule for every array of the update: they step together.
@@ -162,16 +161,22 @@ class PreparedUpdate:
         return True
 
 
+def _family(kind: type) -> str:
+    """Array types read alike: PyTorch's tensor classes, CuPy's, or one backend type each."""
+    module = kind.__module__.split(".")[0]
+    return module if module in ("torch", "cupy") else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def try_prepared(opt: Rule, params: Any, grads: Any) -> bool:
     """Repeat the optimiser's prepared update if this call is the same; True if done."""
     prepared = opt.__dict__.get("_prepared") if isinstance(opt, Rule) else None
-    if prepared is None or type(grads) is not type(params):
+    if prepared is None:
         return False
     if isinstance(params, dict):
-        if list(params) != list(grads):
+        if not isinstance(grads, dict) or list(params) != list(grads):
             return False
         params, grads = list(params.values()), list(grads.values())
-    elif not isinstance(params, (list, tuple)):
+    elif not (isinstance(params, (list, tuple)) and isinstance(grads, (list, tuple))):
         return False
     if not prepared.try_step(opt, params, grads):
         return False
@@ -191,8 +196,8 @@ def prepare(opt: Rule, program: Program, params: Any, grads: Any, checked: list,
         return
     backends = {x.backend for _, x, _ in checked}
     param_types, grad_types = set(map(type, p)), set(map(type, g))
-    if len(backends) != 1 or len(param_types) != 1 or len(grad_types) != 1:
-        return
+    if len(backends) != 1 or len(set(map(_family, param_types))) != 1 or len(set(map(_family, grad_types))) != 1:
+        return  # (torch.nn.Parameter and torch.Tensor are one family: one way to read them)
     # Each object is the backend array itself, or a torch tensor whose pointers are read directly.
     for (key, x, gr), g_obj in zip(checked, g):
         if (x.array is not key and x.framework != "torch") or (gr.array is not g_obj and gr.framework != "torch"):

@@ -173,3 +173,15 @@ def test_host_benchmark_measures_the_prepared_path_with_torch():
     report = host_benchmark(calls=3, layers=1, width=8, many=20)
     for name in ("torch ADAM/same", "torch ADAM/new", "ADAM/new/20", "ClipNorm+ADAM/new"):
         assert report["cases"][name]["prepared_calls"] == 3, name
+
+
+def test_mixed_torch_tensor_classes_and_sequence_kinds_are_prepared(noop):
+    torch = pytest.importorskip("torch")
+    params = (torch.nn.Parameter(torch.ones(10)), torch.ones(20))  # a parameter and a buffer-like tensor
+    opt = gpuopt.ADAM()
+
+    def loop():
+        for _ in range(4):
+            gpuopt.update(opt, params, list(_torch_grads((10, 20))))  # a tuple of params, a list of grads
+
+    assert _paths(loop) == {"full": 1, "prepared": 3}
