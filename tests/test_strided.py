@@ -91,3 +91,28 @@ def test_chain_with_a_reduction_keeps_the_contiguous_copy(strided_device):
     gpuopt.update(CHAINS["ClipNorm+ADAM"](), x, strided_device.array(np.ones((30, 40)), 0))
     assert strided_device.calls == []
     assert [launch.name for launch in strided_device.launched] == ["gpuopt_multi_reduce", "gpuopt_multi_tensor"]
+
+
+def test_without_elementwise_kernels_strided_arrays_go_through_a_copy():
+    from .emulation import device as emulation
+
+    if emulation.compiler() is None:
+        pytest.skip("g++ is not installed")
+    rng = np.random.default_rng(9)
+    base = rng.standard_normal((60, 50)).astype(np.float32)
+    grads = [rng.standard_normal((50, 60)).astype(np.float32) for _ in range(4)]
+    results = []
+    for backend in (KernelBackend(emulation.EmulatedDevice()), None):
+        x = base.copy().T  # not contiguous
+        opt = RULES["ADAM"]()
+        with backend_override("numpy", backend) if backend else _nothing():
+            for g in grads:
+                gpuopt.update(opt, x, g)
+        results.append(x)
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-6, atol=1e-9)
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
