@@ -70,11 +70,18 @@ class CupyDevice:
     def is_capturing(stream: Any) -> bool:
         return bool(stream.is_capturing())
 
+    def scope(self, device: int, stream: Any) -> contextlib.AbstractContextManager[Any]:
+        cuda = self.xp.cuda
+        same_device = cuda.runtime.getDevice() == device
+        if same_device and (stream is None or stream.ptr == cuda.get_current_stream().ptr):
+            return contextlib.nullcontext()  # (the common case, on every call: kept cheap)
+        return self._switch(device, stream, same_device)
+
     @contextlib.contextmanager
-    def scope(self, device: int, stream: Any) -> Iterator[None]:
+    def _switch(self, device: int, stream: Any, same_device: bool) -> Iterator[None]:
         cuda = self.xp.cuda
         with contextlib.ExitStack() as stack:
-            if cuda.runtime.getDevice() != device:
+            if not same_device:
                 stack.enter_context(cuda.Device(device))
             if stream is not None:
                 stack.enter_context(stream)
