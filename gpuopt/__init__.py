@@ -6,6 +6,7 @@ are both generated from that one definition.
 
 from .api import apply, count_launches, update
 from .backends.cuda_source import kernel_source
+from .backends.kernel_backend import GraphCaptureError
 from .chain import Optimiser
 from .checkpoint import CheckpointError, load_state, save_state
 from .expr import Expr, clamp, maximum, minimum, sqrt, total, where
@@ -39,7 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "update", "apply", "kernel_source", "count_launches", "Optimiser", "Rule", "Hyper", "Expr",
-    "save_state", "load_state", "CheckpointError",
+    "save_state", "load_state", "CheckpointError", "GraphCaptureError",
     "sqrt", "maximum", "minimum", "clamp", "where", "total",
     "non_negative", "positive", "positive_integer", "unit_interval", "beta_pair",
     "Descent", "Momentum", "Nesterov", "RMSProp", "ADAM", "RADAM", "AdaMax", "ADAGrad",

@@ -24,8 +24,9 @@ from typing import IO, Any, Union
 
 import numpy as np
 
+from .backends import get_backend
 from .backends.numpy_backend import compute_dtype
-from .dispatch import check_dtype, cupy_module, resolve
+from .dispatch import check_dtype, resolve
 from .rule import ParamState, Rule
 
 __all__ = ["save_state", "load_state", "CheckpointError"]
@@ -104,12 +105,9 @@ def _to_host(array: Any) -> np.ndarray:
 
 
 def _on_backend(saved: np.ndarray, backend: str, like: Any, dtype: np.dtype) -> Any:
-    """``saved`` as a new C-contiguous array of ``dtype`` next to the parameter ``like``."""
-    if backend == "numpy":
-        return np.array(saved, dtype=dtype, order="C")
-    cupy = cupy_module()
-    with like.device:  # state lives on the parameter's GPU
-        return cupy.array(saved, dtype=dtype, order="C")
+    """``saved`` as state rows of ``dtype`` next to the parameter ``like``, laid out exactly as
+    the backend lays out fresh state (padded, aligned rows on a GPU)."""
+    return get_backend(backend).state_from(np.asarray(saved), dtype, like)
 
 
 # -- files -----------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class Resolved:
 
     backend: str  # "numpy" or "cupy"
     array: Any
+    framework: str = ""  # whose current stream orders GPU work on it: "cupy" or "torch"
 
 
 def resolve(obj: object, what: str) -> Resolved:
@@ -66,23 +67,29 @@ def resolve(obj: object, what: str) -> Resolved:
         return Resolved("numpy", obj)
     cupy = cupy_module()
     if cupy is not None and isinstance(obj, cupy.ndarray):
-        return Resolved("cupy", obj)
+        return Resolved("cupy", obj, "cupy")
     if getattr(obj, "requires_grad", False) and callable(getattr(obj, "detach", None)):
         # A torch Parameter refuses to export itself; its detached alias shares the storage,
         # and the optimiser's in-place write is not something autograd should record.
         obj = obj.detach()
     if hasattr(obj, "__cuda_array_interface__"):
-        return Resolved("cupy", _need_cupy(obj, what).asarray(obj))
+        return Resolved("cupy", _need_cupy(obj, what).asarray(obj), stream_framework(obj))
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
         device = obj.__dlpack_device__()[0]
         if device in (_DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED):
-            return Resolved("cupy", _need_cupy(obj, what).from_dlpack(obj))
+            return Resolved("cupy", _need_cupy(obj, what).from_dlpack(obj), stream_framework(obj))
         if device == _DLPACK_CPU:
-            return Resolved("numpy", np.from_dlpack(obj))
+            return Resolved("numpy", np.from_dlpack(obj), stream_framework(obj))
     raise TypeError(
         f"{what} must be an array (numpy.ndarray, cupy.ndarray or a CUDA array such as a "
         f"torch CUDA tensor), got {type_name(obj)}"
     )
+
+
+def stream_framework(obj: object) -> str:
+    """Whose current stream a GPU array's producer writes it on: PyTorch's for its tensors
+    (their interface carries no stream), CuPy's for everything else."""
+    return "torch" if type(obj).__module__.split(".")[0] == "torch" else "cupy"
 
 
 def _need_cupy(obj: object, what: str) -> Any:

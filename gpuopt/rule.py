@@ -98,14 +98,34 @@ class Hyper:
         obj.__dict__[self.name] = value
 
 
+class StepCount:
+    """A step count, shared by the states of a prepared update whose arrays step together
+    (one increment per rule per step instead of one per array)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int):
+        self.value = value
+
+
 class ParamState:
     """One rule's state for one parameter: its step count and its per-element slots."""
 
-    __slots__ = ("t", "slots")
+    __slots__ = ("count", "slots")
 
     def __init__(self, t: int, slots: Any):
-        self.t = t  # steps taken so far
+        self.count = StepCount(t)
         self.slots = slots  # array of shape (number of slots, parameter size), or None
+
+    @property
+    def t(self) -> int:
+        """Steps taken so far."""
+        return self.count.value
+
+    @t.setter
+    def t(self, value: int) -> None:
+        # A private count again: setting one array's count never moves the arrays it shared with.
+        self.count = StepCount(value)
 
 
 class IdentityWeakMap:

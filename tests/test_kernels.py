@@ -37,12 +37,12 @@ def _nvrtc():
         _missing("the CUDA headers (cuda_fp16.h) were not found")
 
 
-def nvrtc_compile(source: str, arch: int, binary: bool = True) -> bytes:
-    """Compile exactly as the CuPy backend does (gpuopt.backends.nvrtc); returns the cubin
-    (or PTX) or raises with the log."""
+def nvrtc_compile(source: str, arch: int, binary: bool = True, by_cupy: bool = False) -> bytes:
+    """Compile exactly as the CuPy backend does (gpuopt.backends.nvrtc; ``by_cupy``: as CuPy
+    compiles the strided path's ElementwiseKernel); returns the cubin (or PTX) or raises."""
     _nvrtc()
     try:
-        return nvrtc.compile_module(source, arch, binary)
+        return nvrtc.compile_module(source, arch, binary, by_cupy=by_cupy)
     except nvrtc.NvrtcError as error:
         raise AssertionError(f"NVRTC sm_{arch}: {error}") from None
 
@@ -465,18 +465,23 @@ def test_state_rows_start_aligned_for_any_size(emulated_backend):
         np.testing.assert_array_equal(state[:, -1], [0.0, 1.0, 2.0])
 
 
-def test_prepared_update_dropped_when_a_gradient_dies(on_kernels):
+def test_prepared_update_outlives_its_gradients(on_kernels):
+    """A loop's gradients die every step: the record stays, and the next ones are checked
+    and read by address, whatever ids they get."""
     import gc
 
     on_kernels(True)
-    opt = gpuopt.Momentum()
+    opt = gpuopt.Momentum(0.5, 0.0)
     params = [np.ones(10, np.float32), np.ones(20, np.float32)]
     grads = [np.ones(10, np.float32), np.ones(20, np.float32)]
     gpuopt.update(opt, params, grads)
     assert "_prepared" in vars(opt)
     del grads
     gc.collect()
-    assert "_prepared" not in vars(opt)  # its gradient ids could now be reused by new arrays
+    assert "_prepared" in vars(opt)
+    gpuopt.update(opt, params, [np.full(10, 2.0, np.float32), np.full(20, 4.0, np.float32)])
+    np.testing.assert_array_equal(params[0], 1 - 0.5 - 1.0)
+    np.testing.assert_array_equal(params[1], 1 - 0.5 - 2.0)
 
 
 # -- the options a GPU compiles with ----------------------------------------------------------

@@ -9,7 +9,8 @@ depends only on the chain's structure and dtypes.
 
 The kernels are raw CUDA rather than ``cupy.ElementwiseKernel`` so that the module is the
 whole text NVRTC compiles: :func:`kernel_source` returns it as is, and the tests compile that
-very text for the CPU. (ElementwiseKernel would wrap the step in CuPy's private templates.)
+very text for the CPU. Non-contiguous arrays go through a ``cupy.ElementwiseKernel`` built
+around the same preamble and step function instead (:mod:`.strided`).
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ def module_source(program: Program, param: np.dtype, grad: np.dtype, apply: bool
     return "\n".join(parts)
 
 
-def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, apply: bool = False) -> str:
+def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, apply: bool = False,
+                  strided: bool = False) -> str:
     """The complete CUDA source of the kernels ``update(opt, x, dx)`` runs for arrays of
     ``dtype`` (gradients of ``grad_dtype``, default the same), exactly as NVRTC compiles it.
 
@@ -240,6 +242,10 @@ def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, a
     ``gpuopt_multi_tensor`` (many arrays in one launch) and, for chains with a reduction such
     as ClipNorm, ``gpuopt_multi_reduce``. Compile it with NVRTC and the options of
     ``gpuopt.backends.nvrtc.nvrtc_options(arch)`` to read, profile or reuse it.
+
+    ``strided=True`` gives instead the ``cupy.ElementwiseKernel`` that updates non-contiguous
+    arrays in place (chains without a reduction): its preamble and operation, wrapped in a
+    kernel that binds them as CuPy does (:func:`gpuopt.backends.strided.strided_source`).
     """
     from ..dispatch import SUPPORTED_DTYPES
     from ..plan import plan
@@ -252,4 +258,8 @@ def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, a
     for d in (param, grad):
         if d not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype {d} is not supported; expected float16, float32 or float64")
+    if strided:
+        from .strided import strided_source
+
+        return strided_source(plan(opt), param, grad, apply)
     return module_source(plan(opt), param, grad, apply)

@@ -266,15 +266,27 @@ class NumpyBackend:
     name = "numpy"
 
     @staticmethod
-    def full_state(initial: Sequence[float], size: int, dtype: np.dtype) -> np.ndarray:
+    def full_state(initial: Sequence[float], size: int, dtype: np.dtype, like: Any = None) -> np.ndarray:
         state = np.empty((len(initial), size), dtype=dtype)
         for row, value in zip(state, initial):
             row.fill(value)
         return state
 
     @staticmethod
+    def state_from(values: np.ndarray, dtype: np.dtype, like: Any) -> np.ndarray:
+        return np.array(values, dtype=dtype, order="C")
+
+    @staticmethod
     def empty_like(x: np.ndarray) -> np.ndarray:
         return np.empty(x.shape, dtype=x.dtype)
+
+    @staticmethod
+    def check_launchable(arrays: Sequence[Any], framework: str) -> None:
+        pass  # NumPy runs now, on the calling thread
+
+    @staticmethod
+    def prepare(program: Program, jobs: Sequence[Any]) -> None:
+        return None  # NumPy has no tables or launches worth keeping
 
     @staticmethod
     def run(program: Program, jobs: Sequence[Any], apply: bool) -> None:

@@ -63,9 +63,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 
+def _run_host(args: argparse.Namespace) -> int:
+    from ..dispatch import gpu_available
+    from .host import format_host_report, host_benchmark
+
+    if args.host_launches and not gpu_available():
+        print("gpuopt bench: error: --host-launches needs CuPy and a usable CUDA GPU", file=sys.stderr)
+        return 2
+    report = host_benchmark(calls=args.host_calls, layers=args.model_layers, width=args.model_width,
+                            many=args.host_many, use_torch=args.torch, launches=args.host_launches)
+    print(format_host_report(report), flush=True)
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    if getattr(args, "fail_on_targets", False) and any(t["status"] == "not met" for t in report["targets"]):
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``bench`` from parsed arguments: 0 on success, 2 on a setting that cannot run,
     1 with ``--fail-on-targets`` when a measured target is not met."""
+    if getattr(args, "host", False):
+        return _run_host(args)
     try:
         config = _config(args)
     except BenchError as exc:
