@@ -10,6 +10,7 @@ from typing import Any
 from .backends import get_backend
 from .backends.numpy_backend import compute_dtype
 from .dispatch import Resolved, check_pair, check_writable
+from .dtypes import BFLOAT16, to_compute
 from .plan import Program, plan
 from .rule import ParamState, Rule
 
@@ -24,6 +25,12 @@ class Job:
     slots: list[Any]  # one flat row per state slot of the chain, in program order
     scalars: list[float]
     out: Any = None  # apply(): where the step goes
+    x_type: Any = None  # element types: the arrays' dtypes, or BFLOAT16 for uint16 views
+    g_type: Any = None
+
+    def __post_init__(self) -> None:
+        self.x_type = self.x.dtype if self.x_type is None else self.x_type
+        self.g_type = self.g.dtype if self.g_type is None else self.g_type
 
 
 def _entries(params: Any, grads: Any) -> list[tuple[str, object, object]]:
@@ -92,10 +99,7 @@ def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved,
     for leaf in leaves:
         state = leaf.state_for(key)
         if state is None:
-            slots = None
-            if leaf.state:
-                slots = backend.full_state(leaf.initial_state(), x.array.size, compute_dtype(x.array.dtype))
-            state = ParamState(0, slots)
+            state = ParamState(0, fresh_slots(backend, leaf, x))
             leaf.set_state_for(key, state)
         states.append(state)
     step_counts = tuple(state.t + 1 for state in states)
@@ -103,7 +107,17 @@ def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved,
     if scalars is None:
         scalars = cache[step_counts] = _step_scalars(program, leaves, step_counts)
     slots = [states[ref.rule].slots[ref.position] for ref in program.slots]
-    return Job(key, x.array, g.array, slots, scalars)
+    return Job(key, x.array, g.array, slots, scalars, x_type=x.element, g_type=g.element)
+
+
+def fresh_slots(backend: Any, leaf: Rule, x: Resolved) -> Any:
+    """A new state array for ``leaf`` and parameter ``x``, as its first step finds it."""
+    if not leaf.state:
+        return None
+    slots = backend.full_state(leaf.initial_state(), x.array.size, compute_dtype(x.element))
+    for row in leaf.parameter_slots():  # a master copy starts as the parameter
+        slots[row][...] = to_compute(x.array.reshape(-1), x.element)
+    return slots
 
 
 def _step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[int, ...]) -> list[float]:
@@ -270,6 +284,8 @@ def apply(opt: Rule, x: Any, dx: Any) -> Any:
     job.out = backend.empty_like(xr.array)
     backend.run(program, [job], apply=True)
     _advance(opt, [job])
+    if xr.element == BFLOAT16:  # bfloat16 patterns: handed back as float32 values
+        return to_compute(job.out, BFLOAT16)
     return job.out
 
 

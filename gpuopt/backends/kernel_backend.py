@@ -254,10 +254,10 @@ class PreparedLaunch:
 
 
 def _dtype_groups(jobs: Sequence[Any]) -> dict[tuple, list[int]]:
-    """Positions of the jobs, grouped by (param dtype, grad dtype): one module each."""
+    """Positions of the jobs, grouped by (param, grad) element type: one module each."""
     groups: dict[tuple, list[int]] = {}
     for position, job in enumerate(jobs):
-        groups.setdefault((np.dtype(job.x.dtype), np.dtype(job.g.dtype)), []).append(position)
+        groups.setdefault((np.dtype(job.x_type), np.dtype(job.g_type)), []).append(position)
     return groups
 
 
