@@ -147,7 +147,9 @@ class Optimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], rule: Rule):
         if not isinstance(rule, Rule):
             raise TypeError(f"rule must be a gpuopt rule or Optimiser, got {type(rule).__name__}")
-        self._rule, self._rule_used = rule, False
+        # the default rule serves the first group without one; later ones get copies made
+        # from its hyperparameters as given here, not as a group's own values changed them
+        self._rule, self._template, self._rule_used = rule, _fresh(rule), False
         defaults = {key: getattr(leaf, name) for key, (leaf, name) in _bindings(rule).items()}
         super().__init__(params, defaults)
 
@@ -158,7 +160,7 @@ class Optimizer(torch.optim.Optimizer):
         rule = group.get("rule")
         takes_default = rule is None
         if takes_default:
-            rule = _fresh(self._rule) if self._rule_used else self._rule
+            rule = _fresh(self._template) if self._rule_used else self._rule
         elif not isinstance(rule, Rule):
             raise TypeError(
                 f"param group {len(self.param_groups)}: rule must be a gpuopt rule, got {type(rule).__name__}"
