@@ -84,6 +84,22 @@ def _check(leaf: Rule, name: str, value: Any, what: str) -> None:
             raise ValueError(f"{what}: {error}") from None
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_pair(p: torch.Tensor, grad: torch.Tensor, what: str) -> None:
+    """What gpuopt.update would reject, checked on torch's attributes (cheap) so that a step
+    over several groups or devices raises before any of them is updated."""
+    if grad.is_sparse:
+        raise TypeError(f"{what} has a sparse gradient; gpuopt takes dense gradients only")
+    if p.dtype not in _DTYPES or grad.dtype not in _DTYPES:
+        raise TypeError(f"{what} has dtype {p.dtype} and gradient dtype {grad.dtype}; expected "
+                        "float16, bfloat16, float32 or float64")
+    if p.shape != grad.shape or p.device != grad.device:
+        raise ValueError(f"{what} has shape {tuple(p.shape)} on {p.device} but its gradient "
+                         f"{tuple(grad.shape)} on {grad.device}; expected the same")
+
+
 class _ParamGroup(dict):
     """A param group whose learning rate (and the other bound keys) *is* the rule's
     hyperparameter: reading gives the rule's current value (ExpDecay's decayed eta
@@ -188,20 +204,21 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        calls = []  # every group's update calls, all checked before the first one runs
         for index, group in enumerate(self.param_groups):
             by_device: dict[torch.device, list[torch.Tensor]] = {}
-            for p in group["params"]:
+            for position, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise TypeError(f"param group {index}: gpuopt does not take sparse gradients")
+                    _check_pair(p, p.grad, f"param group {index} params[{position}]")
                     by_device.setdefault(p.device, []).append(p)
-            for device, params in by_device.items():
-                grads = [p.grad for p in params]
-                if device.type == "cuda":
-                    with torch.cuda.device(device):  # the kernels go to the parameters' GPU
-                        update(group["rule"], params, grads)
-                else:
-                    update(group["rule"], params, grads)
+            calls += [(group["rule"], device, params) for device, params in by_device.items()]
+        for rule, device, params in calls:
+            grads = [p.grad for p in params]
+            if device.type == "cuda":
+                with torch.cuda.device(device):  # the kernels go to the parameters' GPU
+                    update(rule, params, grads)
+            else:
+                update(rule, params, grads)
         return loss
 
     def state_dict(self) -> dict[str, Any]:

@@ -199,6 +199,20 @@ def test_zero_grad_and_closure_as_torch():
     assert first.item() > opt.step(closure).item()  # a descent step lowers this batch's loss
 
 
+def test_a_bad_parameter_in_any_group_fails_the_step_before_any_update():
+    model = _mlp("cpu")
+    phase = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    opt = gpuopt.torch.Optimizer([{"params": model.parameters()},
+                                  {"params": [phase], "rule": gpuopt.Descent(0.1)}], gpuopt.ADAM())
+    _loss(model, 0).backward()
+    phase.grad = torch.ones(3, dtype=torch.complex64)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"param group 1 params\[0\] has dtype torch.complex64"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert opt.param_groups[0]["rule"].state_for(model[0].weight) is None
+
+
 # -- state_dict ---------------------------------------------------------------------------------
 
 ROUND_TRIPS = {
