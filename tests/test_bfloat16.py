@@ -189,3 +189,35 @@ def test_checkpoint_keeps_the_master_copy():
     np.testing.assert_array_equal(fresh.state_for(x).slots[0], opt.state_for(x).slots[0])
     run(grads[10:], fresh, x)
     np.testing.assert_array_equal(x, straight)
+
+
+# -- on a GPU: the __nv_bfloat16 kernels against the NumPy path ------------------------------
+
+GPU_CASES = {
+    "ADAM": (lambda: gpuopt.ADAM(0.01), True),
+    "MixedPrecision of WeightDecay+Momentum": (lambda: gpuopt.MixedPrecision(MIXED["WeightDecay+Momentum"]()), True),
+    # the reduction sums in another order than NumPy's blocks: equal to a bfloat16 ulp
+    "ClipNorm+ADAM": (MIXED["ClipNorm+ADAM"], False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and gpuopt.dispatch.gpu_available()),
+                    reason="needs a CUDA GPU visible to torch and CuPy")
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_cuda_bfloat16_tensors_match_the_cpu(case):
+    factory, exact = GPU_CASES[case]
+    generator = torch.Generator().manual_seed(9)
+    host = [torch.randn(n, generator=generator).to(torch.bfloat16) for n in (1001, 7, 70001)]
+    device = [h.cuda() for h in host]
+    on_cpu, on_gpu = factory(), factory()
+    for _ in range(10):
+        grads = [torch.randn(h.shape, generator=generator).to(torch.bfloat16) for h in host]
+        gpuopt.update(on_cpu, host, grads)
+        gpuopt.update(on_gpu, device, [g.cuda() for g in grads])
+    for h, d in zip(host, device):
+        assert d.dtype == torch.bfloat16 and d.is_cuda
+        if exact:
+            assert torch.equal(h, d.cpu())
+        else:
+            torch.testing.assert_close(d.cpu().float(), h.float(), rtol=2**-7, atol=1e-6)
