@@ -1,23 +1,50 @@
 #!/usr/bin/env bash
-# On a machine with a GPU: the whole test suite with the GPU tests active, then the benchmark.
-# Raw output goes to DIR (default: $OUT if set, else benchmarks/results), each file named by
-# device and date. Runs from the source tree (PYTHONPATH), so nothing needs to be installed
-# beyond CuPy, NumPy, pytest, pytest-benchmark and (optionally) PyTorch and matplotlib.
-#   bash benchmarks/gpu_run.sh [DIR] [extra bench options...]
+# On a machine with a GPU: the test suite with the GPU tests active, then the benchmark, from an
+# empty kernel cache. Raw output goes to DIR (default: $OUT if set, else benchmarks/results),
+# each file named by device and date, and a one-screen summary of the targets ends the run.
+# Runs from the source tree (PYTHONPATH): nothing needs installing beyond CuPy, NumPy, pytest,
+# pytest-benchmark, cuda-bindings or CuPy's NVRTC, and (optionally) PyTorch and matplotlib.
+#   bash benchmarks/gpu_run.sh [--quick] [DIR] [extra bench options...]
+# Full: every test and the whole benchmark (sized for 8 minutes on an H100).
+# --quick: the GPU tests, ADAM at 2^28 against copy bandwidth and torch's fused Adam, and the
+#          GPT-2 model (sized for 3 minutes). Neither has been timed on a GPU yet.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+quick=0
+if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 out=${1:-${OUT:-benchmarks/results}}
 shift || true
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+cache=$(mktemp -d)
+export GPUOPT_CACHE_DIR="$cache/gpuopt" CUPY_CACHE_DIR="$cache/cupy" GPUOPT_EMULATION_CACHE="$cache/emulation"
+trap 'rm -rf "$cache"' EXIT
 device=$(python3 -c "import cupy; n = cupy.cuda.runtime.getDeviceProperties(0)['name']; \
 print(n.decode() if isinstance(n, bytes) else n)" | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
 stamp="${device:-unknown-gpu}-$(date -u +%Y-%m-%d)"
-nvidia-smi > "$out/$stamp-nvidia-smi.txt" 2>&1
-python3 -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$out/$stamp-pytest.txt"
-tests=${PIPESTATUS[0]}
-python3 -m gpuopt bench --json "$out/$stamp-bench.json" --plot "$out/$stamp-bench.png" "$@" 2>&1 \
+[ "$quick" = 1 ] && stamp="$stamp-quick"
+{ date -u; nvidia-smi; } > "$out/$stamp-nvidia-smi.txt" 2>&1
+start=$SECONDS
+if [ "$quick" = 1 ]; then
+    python3 -m pytest -q -rs -p no:cacheprovider -m gpu 2>&1 | tee "$out/$stamp-pytest.txt"
+    tests=${PIPESTATUS[0]}
+    bench_options=(--rules ADAM --sizes 28 --no-baselines "$@")
+else
+    python3 -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$out/$stamp-pytest.txt"
+    tests=${PIPESTATUS[0]}
+    bench_options=("$@")
+fi
+python3 -m gpuopt bench --json "$out/$stamp-bench.json" --plot "$out/$stamp-bench.png" "${bench_options[@]}" 2>&1 \
     | tee "$out/$stamp-bench.txt"
 bench=${PIPESTATUS[0]}
+echo
+echo "== summary: $stamp, $((SECONDS - start)) s =="
+tail -n 1 "$out/$stamp-pytest.txt"
+python3 - "$out/$stamp-bench.json" <<'PY' || true
+import json, sys
+for t in json.load(open(sys.argv[1]))["targets"]:
+    value = "-" if t["value"] is None else f"{t['value']:.3g}"
+    print(f"{t['status']:>12}  {value:>8} (limit {t['limit']:g})  {t['description']}")
+PY
 echo "pytest exit $tests, bench exit $bench; results in $out/$stamp-*"
 exit $(( tests || bench ))

@@ -2,11 +2,11 @@
 //
 // The generator (gpuopt/backends/cuda_source.py) puts, before this file, the type
 // definitions of one rule or chain (gpuopt_param_t, gpuopt_grad_t, gpuopt_state_t,
-// gpuopt_compute_t, GPUOPT_SLOTS, ...) and its element-wise functions gpuopt_step(),
-// gpuopt_new_param() (x - d, or the new master copy of MixedPrecision) and/or
-// gpuopt_terms(), printed from the rule definitions. Nothing here knows any rule's math.
-
-#define GPUOPT_VEC 4  // elements per thread per iteration: one 128-bit access for float32
+// gpuopt_compute_t, GPUOPT_SLOTS, ...), the sizes shared with the host code (GPUOPT_VEC,
+// elements per thread per iteration; GPUOPT_CHUNK; GPUOPT_MAX_THREADS; GPUOPT_TABLE_WIDTH) and
+// its element-wise functions gpuopt_step(), gpuopt_new_param() (x - d, or the new master copy
+// of MixedPrecision) and/or gpuopt_terms(), printed from the rule definitions. Nothing here
+// knows any rule's math.
 
 template <typename T>
 struct alignas(sizeof(T) * GPUOPT_VEC) gpuopt_vec {
@@ -125,7 +125,6 @@ __device__ __forceinline__ void gpuopt_terms_group(int level, long long i, long 
 
 // Sums acc over the block in a fixed order (so results repeat bit for bit); thread 0
 // gets the block's sums. blockDim.x must be a power of two, at most GPUOPT_MAX_THREADS.
-#define GPUOPT_MAX_THREADS 256
 __device__ __forceinline__ void gpuopt_block_sum(double (&acc)[GPUOPT_TERMS]) {
     __shared__ double shared[GPUOPT_TERMS][GPUOPT_MAX_THREADS];
 #pragma unroll

@@ -2,18 +2,14 @@
 //
 // The host builds, once per set of arrays, a table with one row per non-empty tensor:
 //   table[t * GPUOPT_TABLE_WIDTH + 0..3]  x, g, out (pointers) and the element count n
-//   table[t * GPUOPT_TABLE_WIDTH + 4 + k] state slot k (pointer)
+//   table[t * GPUOPT_TABLE_WIDTH + GPUOPT_TABLE_COLUMNS + k]  state slot k (pointer)
 //   chunk_start[t]                        first chunk of tensor t; chunk_start[tensors] = chunks
 //   scalars[t * GPUOPT_SCALARS_ALLOC + j] host scalar j of tensor t, read when per_tensor is
 //                                         set (step counts differ); else every tensor uses
 //                                         the scalars passed by value, as the single-array kernel
-
 //   totals[t * GPUOPT_TOTALS_ALLOC + j]   reduction result j of tensor t
 // Tensors are cut into chunks of GPUOPT_CHUNK elements; blocks walk the chunks grid-stride
 // and find their tensor by binary search, so one launch covers any number of tensors.
-
-#define GPUOPT_CHUNK 65536  // a multiple of GPUOPT_VEC, so vector groups never straddle chunks
-#define GPUOPT_TABLE_WIDTH (4 + GPUOPT_SLOTS)
 
 __device__ __forceinline__ int gpuopt_tensor_of(long long chunk, const long long* chunk_start, int tensors) {
     int lo = 0, hi = tensors - 1;  // the last tensor whose first chunk is <= chunk
@@ -41,7 +37,8 @@ __device__ __forceinline__ gpuopt_tensor gpuopt_read_row(const unsigned long lon
     r.n = (long long)row[3];
     r.slots[0] = nullptr;
 #pragma unroll
-    for (int k = 0; k < GPUOPT_SLOTS; ++k) r.slots[k] = reinterpret_cast<gpuopt_state_t*>(row[4 + k]);
+    for (int k = 0; k < GPUOPT_SLOTS; ++k)
+        r.slots[k] = reinterpret_cast<gpuopt_state_t*>(row[GPUOPT_TABLE_COLUMNS + k]);
     return r;
 }
 

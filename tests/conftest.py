@@ -1,8 +1,44 @@
-"""Shared test helpers: building a gpuopt rule from a reference spec (see tests/reference.py)."""
+"""Shared test helpers: building a gpuopt rule from a reference spec (see tests/reference.py),
+and the kernel backend on the CPU stand-in (tests/emulation)."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 import gpuopt
+from gpuopt.backends import numpy_backend
+from gpuopt.backends.kernel_backend import KernelBackend
+
+from .emulation import device as emulation
+
+#: CI sets this so that a missing kernel toolchain (NVRTC, g++, the sanitizer runtime) fails
+#: the kernel tests instead of skipping them.
+REQUIRED = os.environ.get("GPUOPT_REQUIRE_KERNEL_TOOLS") == "1"
+
+
+def missing(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"{reason} (GPUOPT_REQUIRE_KERNEL_TOOLS=1)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def emulated_backend():
+    if emulation.compiler() is None:
+        missing("no C++ compiler is installed")
+    return KernelBackend(emulation.EmulatedDevice())
+
+
+@pytest.fixture
+def on_kernels(emulated_backend, monkeypatch):
+    """Run NumPy arrays through the kernel backend (generated CUDA compiled for the CPU)."""
+
+    def use(flag: bool):
+        monkeypatch.setattr(numpy_backend, "BACKEND", emulated_backend if flag else numpy_backend.NumpyBackend())
+
+    return use
 
 
 def build_gpuopt(spec: tuple) -> gpuopt.Rule:

@@ -190,3 +190,76 @@ def test_mixed_dtypes_in_one_call_on_gpu():
         assert a.dtype == b.dtype
         np.testing.assert_allclose(a.get().astype(np.float64), b.astype(np.float64),
                                    rtol=TOLERANCE[np.dtype(b.dtype).name], atol=1e-6)
+
+
+# -- 64-bit indexing, odd offsets, subnormals, compute-sanitizer -------------------------------
+
+
+def test_more_than_two_billion_elements_use_64_bit_indices():
+    import cupy
+
+    n = 2**31 + 5
+    if cupy.cuda.Device().mem_info[0] < 3 * 4 * n:
+        pytest.skip("needs 26 GB of free GPU memory")
+    x = cupy.zeros(n, dtype=cupy.float32)
+    g = cupy.ones(n, dtype=cupy.float32)
+    gpuopt.update(gpuopt.Descent(0.5), x, g)
+    assert float(x[0]) == -0.5 and float(x[2**31 - 1]) == -0.5 and float(x[2**31]) == -0.5
+    assert cupy.asnumpy(x[-8:]).tolist() == [-0.5] * 8
+    assert int(cupy.count_nonzero(x != -0.5)) == 0
+    del x, g
+
+
+@pytest.mark.parametrize("offset", [1, 3, 5])
+def test_float16_views_at_odd_offsets_match_numpy(offset):
+    import cupy
+
+    rng = np.random.default_rng(offset)
+    sizes = [70001, 13, 4099]
+    host = [rng.standard_normal(n + offset).astype(np.float16) for n in sizes]
+    results = []
+    for xp in (cupy, np):
+        params = [xp.asarray(h)[offset:] for h in host]
+        opt = CHAINS["ClipNorm+ADAM"]()
+        for step in range(5):
+            grads = [xp.asarray(np.random.default_rng(step).standard_normal(n).astype(np.float16)) for n in sizes]
+            gpuopt.update(opt, params, grads)
+        results.append([cupy.asnumpy(p) if xp is cupy else p for p in params])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=2e-3, atol=2e-4)
+
+
+def test_subnormal_state_is_kept_on_the_gpu():
+    """Compiled with -ftz=false (gpuopt.backends.nvrtc): subnormal float32 state stays, as in NumPy."""
+    import cupy
+
+    states = []
+    for xp in (cupy, np):
+        opt, x = gpuopt.ADAM(), xp.ones(1001, dtype=np.float32)
+        for _ in range(3):
+            gpuopt.update(opt, x, xp.full(x.shape, 1e-20, dtype=np.float32))
+        slots = opt.state_for(x).slots
+        states.append(cupy.asnumpy(slots) if xp is cupy else slots)
+    assert np.all(states[1][1] > 0) and np.array_equal(states[0], states[1])
+
+
+@pytest.mark.parametrize("tool, cases", [("memcheck", ["ADAM", "AMSGrad", "ClipNorm+ADAM"]),
+                                         ("racecheck", ["ClipNorm+ADAM"])])
+def test_kernels_under_compute_sanitizer(tool, cases):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not installed")
+    root = Path(__file__).resolve().parents[1]
+    command = [sanitizer, f"--tool={tool}", "--error-exitcode=1", sys.executable, "-m", "tests.gpu_sanitizer_run",
+               *cases]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=420,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    report = (result.stdout + result.stderr)[-4000:]
+    assert result.returncode == 0, report
+    assert result.stdout.count("matches") == len(cases), report

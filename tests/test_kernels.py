@@ -7,7 +7,6 @@ GPUOPT_REQUIRE_KERNEL_TOOLS=1 so that a missing toolchain fails instead.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,22 +14,16 @@ import pytest
 
 import gpuopt
 from gpuopt import dtypes
-from gpuopt.backends import numpy_backend
-from gpuopt.backends.cuda_source import NVRTC_OPTIONS, cuda_include_options, module_source
-from gpuopt.backends.kernel_backend import CHUNK, KernelBackend
+from gpuopt.backends import nvrtc
+from gpuopt.backends.cuda_source import module_source
+from gpuopt.backends.kernel_backend import CHUNK
 from gpuopt.plan import plan
 
 from .cases import ALL, CHAINS, OPTIMISERS, RULES, SignMomentum
+from .conftest import missing as _missing
 from .emulation import device as emulation
 
-REQUIRED = os.environ.get("GPUOPT_REQUIRE_KERNEL_TOOLS") == "1"
 DTYPES = [np.dtype(np.float16), dtypes.BFLOAT16, np.dtype(np.float32), np.dtype(np.float64)]
-
-
-def _missing(reason: str) -> None:
-    if REQUIRED:
-        pytest.fail(f"{reason} (GPUOPT_REQUIRE_KERNEL_TOOLS=1)")
-    pytest.skip(reason)
 
 
 # -- NVRTC ------------------------------------------------------------------------------------
@@ -38,27 +31,21 @@ def _missing(reason: str) -> None:
 
 def _nvrtc():
     try:
-        from cupy_backends.cuda.libs import nvrtc
-
-        nvrtc.getVersion()
-    except Exception as error:  # CuPy or the NVRTC library missing
-        _missing(f"NVRTC is not usable here: {error}")
-    if not cuda_include_options():
+        nvrtc.binding()
+    except ImportError as error:
+        _missing(str(error))
+    if not nvrtc.cuda_include_options():
         _missing("the CUDA headers (cuda_fp16.h) were not found")
-    return nvrtc
 
 
-def nvrtc_compile(source: str, arch: int) -> bytes:
-    """Compile with NVRTC exactly as given, with the options the CuPy backend uses; returns
-    the cubin or raises with the log."""
-    nvrtc = _nvrtc()
-    program = nvrtc.createProgram(source, "gpuopt.cu", [], [])
-    options = [f"-arch=sm_{arch}", *NVRTC_OPTIONS, *cuda_include_options()]
+def nvrtc_compile(source: str, arch: int, binary: bool = True) -> bytes:
+    """Compile exactly as the CuPy backend does (gpuopt.backends.nvrtc); returns the cubin
+    (or PTX) or raises with the log."""
+    _nvrtc()
     try:
-        nvrtc.compileProgram(program, options)
-    except Exception as error:
-        raise AssertionError(f"NVRTC sm_{arch}: {error}\n{nvrtc.getProgramLog(program)}") from None
-    return nvrtc.getCUBIN(program)
+        return nvrtc.compile_module(source, arch, binary)
+    except nvrtc.NvrtcError as error:
+        raise AssertionError(f"NVRTC sm_{arch}: {error}") from None
 
 
 def _compile_cases() -> dict[str, gpuopt.Rule]:
@@ -146,23 +133,6 @@ def test_kernel_source_rejects_bad_arguments():
 
 
 # -- the same CUDA text on the CPU ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def emulated_backend():
-    if emulation.compiler() is None:
-        _missing("g++ is not installed")
-    return KernelBackend(emulation.EmulatedDevice())
-
-
-@pytest.fixture
-def on_kernels(emulated_backend, monkeypatch):
-    """Run NumPy arrays through the kernel backend (generated CUDA compiled for the CPU)."""
-
-    def use(flag: bool):
-        monkeypatch.setattr(numpy_backend, "BACKEND", emulated_backend if flag else numpy_backend.NumpyBackend())
-
-    return use
 
 
 EMULATION_DTYPES = {"float32": 1e-6, "float64": 1e-12}
@@ -551,3 +521,71 @@ def test_prepared_update_dropped_when_a_gradient_dies(on_kernels):
     del grads
     gc.collect()
     assert "_prepared" not in vars(opt)  # its gradient ids could now be reused by new arrays
+
+
+# -- the options a GPU compiles with ----------------------------------------------------------
+
+
+def test_compiled_code_keeps_subnormals_and_never_fuses_multiply_adds():
+    """nvrtc_options is the one set of options (the CuPy backend compiles through it, not through
+    CuPy's compile, which would add -ftz=true): no flush-to-zero, no FMA contraction."""
+    options = nvrtc.nvrtc_options(90)
+    assert {"-ftz=false", "--fmad=false", "-arch=sm_90"} <= set(options)
+    ptx = nvrtc_compile(gpuopt.kernel_source(CHAINS["ClipNorm+ADAM"](), "float32"), 90, binary=False).decode()
+    assert "div.rn.f32" in ptx or "sqrt.rn.f32" in ptx  # float32 arithmetic is there...
+    assert ".ftz" not in ptx and "fma." not in ptx  # ...without flushing or fusing
+
+
+class _FakeCupy:
+    """Just enough of CuPy for CupyDevice to compile and load a module without a GPU."""
+
+    class cuda:  # noqa: N801 - mirrors cupy.cuda
+        class Device:
+            def __init__(self, index: int):
+                self.compute_capability = "90"
+
+        class runtime:  # noqa: N801
+            @staticmethod
+            def getDevice() -> int:
+                return 0
+
+    class RawModule:
+        loaded: list[bytes] = []
+
+        def __init__(self, path: str):
+            _FakeCupy.RawModule.loaded.append(open(path, "rb").read())
+
+        def get_function(self, name: str) -> str:
+            return name
+
+
+def test_cupy_backend_loads_what_nvrtc_options_compile(monkeypatch, tmp_path):
+    from gpuopt.backends.cupy_backend import CupyDevice
+
+    _nvrtc()
+    monkeypatch.setenv("GPUOPT_CACHE_DIR", str(tmp_path))
+    device = CupyDevice.__new__(CupyDevice)
+    device.xp, device.compiles = _FakeCupy, 0
+    source = gpuopt.kernel_source(gpuopt.ADAM(), "float32")
+    device.kernel(source, "gpuopt_elementwise")
+    device.kernel(source, "gpuopt_multi_tensor")  # the same module: compiled and loaded once
+    assert device.compiles == 1 and len(_FakeCupy.RawModule.loaded) == 1
+    cubin = _FakeCupy.RawModule.loaded[0]
+    assert cubin[:4] == b"\x7fELF" and cubin.rstrip(b"\0") == nvrtc_compile(source, 90).rstrip(b"\0")
+    assert len(list((tmp_path / "cuda").glob("*.cubin"))) == 1  # kept for the next process
+
+
+def test_subnormal_state_is_kept_as_numpy_keeps_it(on_kernels):
+    """Gradients of 1e-20 make ADAM's second moment subnormal in float32 (1e-3 * 1e-40): the
+    kernels keep it, as NumPy does, instead of flushing it to zero."""
+    results = []
+    for use_kernels in (True, False):
+        on_kernels(use_kernels)
+        opt, x = gpuopt.ADAM(), np.ones(1001, np.float32)
+        for _ in range(3):
+            gpuopt.update(opt, x, np.full(x.shape, 1e-20, np.float32))
+        results.append((x, opt.state_for(x).slots))
+    (x_kernels, s_kernels), (x_numpy, s_numpy) = results
+    v = s_numpy[1]
+    assert np.all((v > 0) & (v < np.finfo(np.float32).tiny))  # subnormal, not zero
+    assert np.array_equal(s_kernels, s_numpy) and np.array_equal(x_kernels, x_numpy)

@@ -29,6 +29,14 @@ from .numpy_backend import compute_dtype
 #: kernel template files, in the order they are appended to the preamble
 KERNEL_FILES = ("common.cuh", "elementwise.cu", "multi_tensor.cu")
 
+#: Sizes the host code and the kernels must agree on: defined here once, printed into every
+#: module as #defines (GPUOPT_VEC, GPUOPT_CHUNK, ...), and imported by the host code.
+VEC = 4  # elements per thread per iteration: one 128-bit access for float32
+CHUNK = 65536  # elements per chunk of the multi-tensor kernels; a multiple of VEC, so vector
+#                groups never straddle chunks
+MAX_THREADS = 256  # threads per block the block reduction's shared memory is sized for
+TABLE_COLUMNS = 4  # a tensor's row in the multi-tensor table: x, g, out, n, then its state slots
+
 _C_TYPES = {
     np.dtype(np.float16): "__half",
     dtypes.BFLOAT16: "__nv_bfloat16",
@@ -211,6 +219,11 @@ def _preamble(program: Program, param: np.dtype, grad: np.dtype, apply: bool) ->
         f"typedef {_C_TYPES[grad]} gpuopt_grad_t;",
         f"typedef {_C_TYPES[ct]} gpuopt_state_t;",
         f"typedef {_C_TYPES[ct]} gpuopt_compute_t;",
+        f"#define GPUOPT_VEC {VEC}",
+        f"#define GPUOPT_CHUNK {CHUNK}",
+        f"#define GPUOPT_MAX_THREADS {MAX_THREADS}",
+        f"#define GPUOPT_TABLE_COLUMNS {TABLE_COLUMNS}",
+        "#define GPUOPT_TABLE_WIDTH (GPUOPT_TABLE_COLUMNS + GPUOPT_SLOTS)",
         f"#define GPUOPT_APPLY {int(apply)}",
         f"#define GPUOPT_SLOTS {nslots}",
         f"#define GPUOPT_SLOTS_ALLOC {max(nslots, 1)}",
@@ -238,26 +251,6 @@ def module_source(program: Program, param: np.dtype, grad: np.dtype, apply: bool
     return "\n".join(parts)
 
 
-#: NVRTC options used for every module (and by the tests that compile for sm_80 / sm_90).
-#: No contraction into fused multiply-adds: the kernels then round exactly as the NumPy
-#: executor does, so both backends agree to the last bit, and an update is memory-bound, so
-#: FMA would buy no time.
-NVRTC_OPTIONS = ("-std=c++17", "--fmad=false")
-
-
-@functools.lru_cache(maxsize=1)
-def cuda_include_options() -> tuple[str, ...]:
-    """``-I`` for the CUDA headers (cuda_fp16.h), found the way CuPy 14 finds its toolkit:
-    a pip-installed CUDA runtime, else CUDA_HOME / CUDA_PATH / the system toolkit."""
-    try:
-        from cuda import pathfinder
-
-        include = pathfinder.find_nvidia_header_directory("cudart")
-    except Exception:  # no pathfinder (older CuPy): NVRTC's own search path must do
-        include = None
-    return (f"-I{include}",) if include else ()
-
-
 def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, apply: bool = False) -> str:
     """The complete CUDA source of the kernels ``update(opt, x, dx)`` runs for arrays of
     ``dtype`` (gradients of ``grad_dtype``, default the same; ``"bfloat16"`` is accepted),
@@ -265,8 +258,8 @@ def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, a
 
     One module holds them all: ``gpuopt_elementwise`` (one array, one launch),
     ``gpuopt_multi_tensor`` (many arrays in one launch) and, for chains with a reduction such
-    as ClipNorm, ``gpuopt_multi_reduce``. Compile it with NVRTC and the options in
-    ``gpuopt.backends.cuda_source.NVRTC_OPTIONS`` to read, profile or reuse it.
+    as ClipNorm, ``gpuopt_multi_reduce``. Compile it with NVRTC and the options of
+    ``gpuopt.backends.nvrtc.nvrtc_options(arch)`` to read, profile or reuse it.
     """
     from ..dispatch import SUPPORTED_DTYPES
     from ..plan import plan

@@ -1,7 +1,9 @@
-"""The CuPy device: generated modules compiled by NVRTC through ``cupy.RawModule``.
+"""The CuPy device: generated modules compiled by NVRTC (``nvrtc.py``), loaded with
+``cupy.RawModule``.
 
 Modules are cached on their source text, which depends only on the chain's structure and
-the dtypes; hyperparameter values are kernel arguments and never cause a compile.
+the dtypes; hyperparameter values are kernel arguments and never cause a compile. Compiled
+modules are also kept in the per-user cache, so a new process loads rather than compiles.
 """
 
 from __future__ import annotations
@@ -10,15 +12,15 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .cuda_source import NVRTC_OPTIONS, cuda_include_options
-from .kernel_backend import KernelBackend
+from .kernel_backend import MAX_BLOCKS, THREADS_PER_BLOCK, KernelBackend
+from .nvrtc import cached_module_file, target_arch
 
 
 class CupyDevice:
     """Kernels launched on the current CUDA device with CuPy."""
 
-    threads = 256
-    max_blocks = 1 << 20
+    threads = THREADS_PER_BLOCK
+    max_blocks = MAX_BLOCKS
 
     def __init__(self) -> None:
         import cupy
@@ -27,13 +29,15 @@ class CupyDevice:
         self.compiles = 0  # modules compiled by this process (tests check eta never adds one)
 
     @functools.cache  # noqa: B019 - one device object lives for the process
-    def _module(self, source: str) -> Any:
+    def _module(self, source: str, gpu: int) -> Any:
         self.compiles += 1
-        return self.xp.RawModule(code=source, options=NVRTC_OPTIONS + cuda_include_options())
+        capability = int(self.xp.cuda.Device(gpu).compute_capability)
+        arch, binary = target_arch(capability, prefer_cupy=True)
+        return self.xp.RawModule(path=str(cached_module_file(source, arch, binary, prefer_cupy=True)))
 
     @functools.cache  # noqa: B019 - looked up on every launch
     def _function(self, source: str, name: str, gpu: int) -> Any:
-        return self._module(source).get_function(name)  # loaded on the current GPU
+        return self._module(source, gpu).get_function(name)  # loaded on the current GPU
 
     def kernel(self, source: str, name: str) -> Callable[[int, int, Sequence[Any]], None]:
         function = self._function(source, name, self.xp.cuda.runtime.getDevice())
@@ -44,4 +48,13 @@ class CupyDevice:
         return array.data.ptr
 
 
-BACKEND = KernelBackend(CupyDevice())
+@functools.cache
+def _backend() -> KernelBackend:
+    return KernelBackend(CupyDevice())
+
+
+def __getattr__(name: str) -> Any:
+    # BACKEND is made on first use: importing this module (for CupyDevice) never imports CuPy.
+    if name == "BACKEND":
+        return _backend()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

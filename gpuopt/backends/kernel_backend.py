@@ -23,11 +23,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..plan import Program
-from .cuda_source import module_source
+from .cuda_source import CHUNK, MAX_THREADS, TABLE_COLUMNS, VEC, module_source
 from .numpy_backend import compute_dtype
 
-CHUNK = 65536  # elements per chunk of the multi-tensor kernels (GPUOPT_CHUNK in kernels/)
-VEC = 4  # elements per thread per iteration (GPUOPT_VEC)
+THREADS_PER_BLOCK = MAX_THREADS  # the GPU launch shape (a power of two, at most MAX_THREADS)
+MAX_BLOCKS = 1 << 20
 ROW_ALIGN = 64  # state rows start every 64 elements: 256 bytes for float32, whole cache lines
 
 
@@ -170,11 +170,11 @@ class KernelBackend:
     def _multi_tensor(self, source: str, program: Program, ct: np.dtype, live: list[tuple],
                       apply: bool) -> Callable:
         xp, device = self.xp, self.device
-        host = np.empty((len(live), 4 + len(program.slots)), dtype=np.uint64)
+        host = np.empty((len(live), TABLE_COLUMNS + len(program.slots)), dtype=np.uint64)
         for row, (job, x, g) in zip(host, live):
             row[:4] = (device.pointer(x), device.pointer(g), device.pointer(job.out if apply else x), x.size)
             for k, slot in enumerate(job.slots):
-                row[4 + k] = device.pointer(slot)
+                row[TABLE_COLUMNS + k] = device.pointer(slot)
         tables = self._tables.get(source)
         if tables is None:
             tables = self._tables[source] = _Tables()

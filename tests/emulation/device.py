@@ -1,83 +1,90 @@
 """A Device for gpuopt's kernel backend that runs the generated CUDA text on the CPU.
 
-The module source is compiled, byte for byte as NVRTC would get it, by g++ with a small
-header (cuda_shim.h) standing in for the CUDA built-ins; NumPy arrays stand in for device
-memory. The host logic of the kernel backend (tables, chunking, launch counts) runs as is.
+The module source is compiled, byte for byte as NVRTC would get it, by g++ with a header
+(cuda_shim.h) standing in for the CUDA built-ins; NumPy arrays stand in for device memory.
+The host logic of the kernel backend (tables, chunking, launch counts) runs as is.
+
+Two builds of every module:
+- ``checked`` (in-process): -fsanitize=alignment, so a misaligned vector access fails the
+  launch with an error naming the kernel, as it would fault on a GPU;
+- ``sanitized`` (run in a subprocess with the ASan runtime preloaded, see sanitized_run.py):
+  -fsanitize=address,undefined, so any read or write outside an allocation aborts the run.
+
+Builds go through gpuopt's own cached builder (gpuopt/backends/cxx_build.py) into
+``build/emulation`` in the checkout (``$GPUOPT_EMULATION_CACHE`` overrides), keyed on every
+input: the module text, the shim and stand-in headers, the flags and the compiler's version.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import re
-import shutil
-import subprocess
-import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gpuopt.backends import cxx_build
+from gpuopt.backends.kernel_backend import MAX_BLOCKS, THREADS_PER_BLOCK
+
 HERE = Path(__file__).resolve().parent
+INCLUDE = HERE / "include"
 _CTYPES = {
     np.dtype(np.int32): ctypes.c_int32,
     np.dtype(np.int64): ctypes.c_int64,
     np.dtype(np.float32): ctypes.c_float,
     np.dtype(np.float64): ctypes.c_double,
 }
-_BUILD_DIR = Path(tempfile.gettempdir()) / f"gpuopt-emulated-{os.getuid()}"
-
-
-def compiler() -> str | None:
-    return shutil.which("g++")
-
-
 _FLAGS = [
-    "g++", "-std=c++20", "-O1", "-fPIC", "-pthread",
+    "-std=c++20", "-O1", "-fPIC", "-pthread", "-fno-omit-frame-pointer",
     "-ffp-contract=off",  # as NumPy: no fused multiply-add
     "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type",
 ]
+MODES = {
+    "checked": (["-fsanitize=alignment"], []),  # (compile flags, link flags)
+    "sanitized": (
+        ["-DGPUOPT_SANITIZE", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+        ["-fsanitize=address,undefined"],
+    ),
+}
 
 
-def _shim_header() -> Path:
-    """cuda_shim.h with a precompiled copy beside it: the standard headers it pulls in
-    (<thread>, <barrier>) cost more to parse than a whole kernel module."""
-    text = (HERE / "cuda_shim.h").read_text()
-    digest = hashlib.sha256((text + " ".join(_FLAGS)).encode()).hexdigest()[:16]
-    header = _BUILD_DIR / f"shim-{digest}" / "cuda_shim.h"
-    if not (header.parent / "cuda_shim.h.gch").exists():
-        header.parent.mkdir(parents=True, exist_ok=True)
-        header.write_text(text)
-        tmp = header.parent / f"cuda_shim.h.gch.{os.getpid()}"
-        subprocess.run([*_FLAGS, "-x", "c++-header", str(header), "-o", str(tmp)], check=True,
-                       capture_output=True)
-        os.replace(tmp, header.parent / "cuda_shim.h.gch")
-    return header
+class EmulatedKernelError(RuntimeError):
+    """An emulated kernel did something a GPU would fault on or get wrong."""
 
 
-def build(source: str) -> Path:
-    """Compile a module's source for the CPU (cached on the text); returns the library."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-    library = _BUILD_DIR / f"{digest}.so"
-    if library.exists():
-        return library
-    _BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=_BUILD_DIR))
-    (work / "module.cu").write_text(source)
+def cache_dir() -> Path:
+    return Path(os.environ.get("GPUOPT_EMULATION_CACHE") or HERE.parents[1] / "build" / "emulation")
+
+
+def compiler() -> str | None:
+    return cxx_build.find_compiler()
+
+
+def _shim(mode: str) -> Path:
+    """cuda_shim.h with a precompiled copy beside it: the standard headers it pulls in cost
+    more to parse than a whole kernel module."""
+    cxx = compiler()
+    flags = [*_FLAGS, *MODES[mode][0]]
+    command = [cxx, *flags, "-x", "c++-header", "cuda_shim.h", "-o", "cuda_shim.h.gch"]
+    return cxx_build.build([command], {"cuda_shim.h": (HERE / "cuda_shim.h").read_text()}, cache_dir()) / "cuda_shim.h"
+
+
+def build(source: str, mode: str = "checked") -> Path:
+    """Compile a module's source for the CPU (cached on every input); returns the library."""
+    cxx = compiler()
+    compile_flags, link_flags = MODES[mode]
     entries = "\n".join(_entry_points(source))
-    (work / "entry.cpp").write_text(f'#include "module.cu"\n{entries}\n')
-    command = [
-        *_FLAGS, "-shared", "-include", str(_shim_header()), "-I", str(HERE / "include"),
-        str(work / "entry.cpp"), "-o", str(work / "module.so"),
+    files = {"module.cu": source, "entry.cpp": f'#include "module.cu"\n{entries}\n'}
+    commands = [
+        [cxx, *_FLAGS, *compile_flags, "-include", str(_shim(mode)), "-I", str(INCLUDE), "-c", "entry.cpp",
+         "-o", "module.o"],
+        [cxx, "-shared", "-pthread", *link_flags, "module.o", "-o", "module.so"],
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"g++ failed on the kernel source:\n{result.stderr[-6000:]}")
-    os.replace(work / "module.so", library)
-    shutil.rmtree(work, ignore_errors=True)
-    return library
+    return cxx_build.build(commands, files, cache_dir(), inputs=[INCLUDE]) / "module.so"
 
 
 def _entry_points(source: str) -> list[str]:
@@ -91,28 +98,42 @@ def _entry_points(source: str) -> list[str]:
         found = re.match(r'extern "C" __global__ void (\w+)\(', line)
         if found:
             k = found.group(1)
-            entry = (f'extern "C" void emulate_{k}(unsigned g, unsigned b, void** argv) '
-                     f'{{ gpuopt_emulate({k}, g, b, argv); }}')
+            entry = (f'extern "C" int emulate_{k}(unsigned g, unsigned b, unsigned w, void** argv, char* e, '
+                     f'std::size_t n) {{ return gpuopt_emulate({k}, g, b, w, argv, e, n); }}')
             entries.append("\n".join([*conditions, entry, *["#endif"] * len(conditions)]))
     return entries
 
 
 class EmulatedDevice:
-    """Runs kernels on the CPU: NumPy arrays are the device memory."""
+    """Runs kernels on the CPU: NumPy arrays are the device memory.
+
+    The default shape is small (8 threads, at most 3 blocks) so grid-stride loops and
+    cross-block sums are exercised on small arrays; ``production()`` has the GPU's shape.
+    """
 
     xp = np
-    threads = 8  # small blocks keep the thread count low; any power of two works
-    max_blocks = 3  # few blocks, so grid-stride loops and cross-block sums are exercised
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 8, max_blocks: int = 3, workers: int = 4, mode: str = "checked") -> None:
+        self.threads, self.max_blocks, self.workers, self.mode = threads, max_blocks, workers, mode
         self._libraries: dict[str, ctypes.CDLL] = {}
+        self._lock = threading.Lock()
         self.launched: list[str] = []
 
+    @classmethod
+    def production(cls, **options: Any) -> EmulatedDevice:
+        """The CuPy backend's launch shape: its threads per block and block limit."""
+        return cls(threads=THREADS_PER_BLOCK, max_blocks=MAX_BLOCKS, **options)
+
+    def _library(self, source: str) -> ctypes.CDLL:
+        with self._lock:
+            library = self._libraries.get(source)
+            if library is None:
+                library = self._libraries[source] = ctypes.CDLL(str(build(source, self.mode)))
+            return library
+
     def kernel(self, source: str, name: str) -> Callable[[int, int, Sequence[Any]], None]:
-        library = self._libraries.get(source)
-        if library is None:
-            library = self._libraries[source] = ctypes.CDLL(str(build(source)))
-        entry = getattr(library, f"emulate_{name}")
+        entry = getattr(self._library(source), f"emulate_{name}")
+        entry.restype = ctypes.c_int
 
         def launch(blocks: int, threads: int, args: Sequence[Any]) -> None:
             holders = []
@@ -122,8 +143,13 @@ class EmulatedDevice:
                 else:
                     holders.append(_CTYPES[np.dtype(type(arg))](arg))
             argv = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
-            self.launched.append(name)
-            entry(ctypes.c_uint(blocks), ctypes.c_uint(threads), argv)
+            error = ctypes.create_string_buffer(512)
+            with self._lock:
+                self.launched.append(name)
+            failed = entry(ctypes.c_uint(blocks), ctypes.c_uint(threads), ctypes.c_uint(self.workers), argv, error,
+                           ctypes.c_size_t(len(error)))
+            if failed:
+                raise EmulatedKernelError(f"{name} ({blocks} blocks of {threads}): {error.value.decode()}")
 
         return launch
 
