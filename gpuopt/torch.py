@@ -105,9 +105,10 @@ class _ParamGroup(dict):
     hyperparameter: reading gives the rule's current value (ExpDecay's decayed eta
     included), writing sets it, validated, so torch's LR schedulers drive gpuopt."""
 
-    def __init__(self, data: dict, bindings: dict[str, tuple[Rule, str]]):
+    def __init__(self, data: dict, bindings: dict[str, tuple[Rule, str]], index: int):
         super().__init__(data)
         self.bindings = bindings
+        self.index = index  # its position in param_groups, for error messages
 
     def __getitem__(self, key: str) -> Any:
         binding = self.bindings.get(key)
@@ -124,7 +125,10 @@ class _ParamGroup(dict):
         binding = self.bindings.get(key)
         if binding is not None:
             leaf, name = binding
-            setattr(leaf, name, _from_group(value))
+            try:
+                setattr(leaf, name, _from_group(value))
+            except ValueError as error:
+                raise ValueError(f"param_groups[{self.index}][{key!r}]: {error}") from None
         super().__setitem__(key, value)
 
     def snapshot(self) -> dict:
@@ -189,7 +193,7 @@ class Optimizer(torch.optim.Optimizer):
             _check(leaf, name, value, f"param group {len(self.param_groups)} {key!r}")
         for key, (leaf, name) in bindings.items():
             group.setdefault(key, getattr(leaf, name))
-        wrapped = _ParamGroup(group, {})
+        wrapped = _ParamGroup(group, {}, len(self.param_groups))
         super().add_param_group(wrapped)  # torch's checks: tensors, leaves, no repeats
         for key, value in given.items():
             leaf, name = bindings[key]

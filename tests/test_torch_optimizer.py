@@ -133,7 +133,7 @@ def test_lr_reads_and_writes_the_rule_learning_rate():
     assert group["lr"] == chain[1].eta == 0.05  # ExpDecay decayed it; the group shows it
     group["lr"] = 0.02
     assert chain[1].eta == 0.02 and chain[2].eta == 1.0
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]: eta must be >= 0"):
         group["lr"] = -1.0
     assert chain[1].eta == 0.02 and group["lr"] == 0.02
     momentum = gpuopt.torch.Optimizer(_mlp("cpu").parameters(), gpuopt.Nesterov(0.01, 0.9))
