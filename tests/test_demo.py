@@ -213,6 +213,15 @@ def test_demo_with_torch_trains_the_same_mlp(capsys: pytest.CaptureFixture[str])
     assert test_acc == pytest.approx(arrays.test_accuracy, abs=0.01)
 
 
+def test_demo_with_torch_says_when_torch_is_missing() -> None:
+    code = ("import sys; sys.modules['torch'] = None\nfrom gpuopt.__main__ import main\n"
+            "sys.exit(main(['demo', '--framework', 'torch', '--steps', '5']))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--framework torch needs PyTorch (pip install torch)" in proc.stderr
+
+
 def test_python_dash_m_demo() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "gpuopt", "demo", "--steps", "50"], cwd=ROOT, env=env,
