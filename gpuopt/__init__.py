@@ -25,6 +25,7 @@ from .rules import (
     Descent,
     ExpDecay,
     InvDecay,
+    MixedPrecision,
     Momentum,
     Nesterov,
     RMSProp,
@@ -38,6 +39,15 @@ Adam, AdamW, NAdam, RAdam, Adadelta, Adagrad, RMSprop, SGD = (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # gpuopt.torch is imported on first use, so that `import gpuopt` never imports torch.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'gpuopt' has no attribute {name!r}")
+
 __all__ = [
     "update", "apply", "kernel_source", "count_launches", "Optimiser", "Rule", "Hyper", "Expr",
     "save_state", "load_state", "CheckpointError", "GraphCaptureError",
@@ -45,6 +55,6 @@ __all__ = [
     "non_negative", "positive", "positive_integer", "unit_interval", "beta_pair",
     "Descent", "Momentum", "Nesterov", "RMSProp", "ADAM", "RADAM", "AdaMax", "ADAGrad",
     "ADADelta", "AMSGrad", "NADAM", "ADAMW", "WeightDecay", "ClipValue", "ClipNorm",
-    "InvDecay", "ExpDecay",
+    "InvDecay", "ExpDecay", "MixedPrecision",
     "Adam", "AdamW", "NAdam", "RAdam", "Adadelta", "Adagrad", "RMSprop", "SGD",
 ]

@@ -15,6 +15,7 @@ from .backends import get_backend
 from .backends.numpy_backend import compute_dtype
 from .backends.protocol import Job
 from .dispatch import Resolved, check_pair, check_writable
+from .dtypes import BFLOAT16, to_compute
 from .plan import Program, plan
 from .prepared import PATHS, prepare, step_scalars, try_prepared
 from .rule import ParamState, Rule
@@ -92,11 +93,7 @@ def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved,
     for leaf in leaves:
         state = leaf.state_for(key)
         if state is None:
-            slots = None
-            if leaf.state:
-                slots = backend.full_state(leaf.initial_state(), x.array.size, compute_dtype(x.array.dtype),
-                                           like=x.array)
-            state = ParamState(0, slots)
+            state = ParamState(0, fresh_slots(backend, leaf, x))
             leaf.set_state_for(key, state)
         states.append(state)
     step_counts = tuple(state.t + 1 for state in states)
@@ -104,7 +101,17 @@ def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved,
     if scalars is None:
         scalars = cache[step_counts] = step_scalars(program, leaves, step_counts)
     slots = [states[ref.rule].slots[ref.position] for ref in program.slots]
-    return Job(key, x.array, g.array, slots, scalars, framework=x.framework)
+    return Job(key, x.array, g.array, slots, scalars, framework=x.framework, x_type=x.element, g_type=g.element)
+
+
+def fresh_slots(backend: Any, leaf: Rule, x: Resolved) -> Any:
+    """A new state array for ``leaf`` and parameter ``x`` (next to it), as its first step finds it."""
+    if not leaf.state:
+        return None
+    slots = backend.full_state(leaf.initial_state(), x.array.size, compute_dtype(x.element), like=x.array)
+    for row in leaf.parameter_slots():  # a master copy starts as the parameter
+        slots[row][...] = to_compute(x.array.reshape(-1), x.element)
+    return slots
 
 
 def _advance(opt: Rule, jobs: list[Job]) -> None:
@@ -153,6 +160,8 @@ def apply(opt: Rule, x: Any, dx: Any) -> Any:
     job.out = backend.empty_like(xr.array)
     backend.run(program, [job], apply=True)
     _advance(opt, [job])
+    if xr.element == BFLOAT16:  # bfloat16 patterns: handed back as float32 values
+        return to_compute(job.out, BFLOAT16)
     return job.out
 
 

@@ -41,6 +41,9 @@ class Program:
     # host computes them in float64 once per step and passes them after the scalars.
     hoisted: tuple[Node, ...] = ()
     hoisted_index: dict[int, int] = field(default_factory=dict)  # node index -> scalar index
+    # The parameter's new value when a rule keeps a master copy (MixedPrecision): the stored
+    # parameter becomes its rounding. None: the new value is x - result.
+    new_x: Node | None = None
 
     @property
     def scalar_count(self) -> int:
@@ -168,10 +171,12 @@ def _trace(leaves: tuple[Rule, ...]) -> Program:
                 slots.append(SlotRef(ri, name, pos))
                 initial[first + pos] = graph.make("load", value=first + pos)
         values = dict(initial)
+        seen_x = x  # what the rules see as the parameter: x, or from a master copy on
+        master = None
         for ri, rule in enumerate(leaves):
             first = next((i for i, s in enumerate(slots) if s.rule == ri), len(slots))
             out = rule.step(
-                d, x, _StateView(rule, ri, first, graph, values), _ScalarView(rule, ri, graph, used)
+                d, seen_x, _StateView(rule, ri, first, graph, values), _ScalarView(rule, ri, graph, used)
             )
             if not isinstance(out, Expr):
                 if isinstance(out, bool) or not isinstance(out, (int, float)):
@@ -182,6 +187,15 @@ def _trace(leaves: tuple[Rule, ...]) -> Program:
             if out.node.is_bool:
                 raise TypeError(f"{type(rule).__name__}.step returned a comparison")
             d = out
+            if rule.master_slot is not None:
+                if master is not None:
+                    raise TypeError("a chain can keep only one master copy of the parameter (one MixedPrecision)")
+                master = first + list(rule.state).index(rule.master_slot)
+                seen_x = Expr(values[master])
+        new_x = None
+        if master is not None:  # the chain's step goes to the master copy
+            new_x = (Expr(values[master]) - d).node
+            values[master] = new_x
     stores = tuple((i, node) for i, node in values.items() if node is not initial[i])
     totals = tuple(sorted((n for n in graph.nodes if n.op == "total_value"), key=lambda n: n.value[0]))
     names = " > ".join(type(r).__name__ for r in leaves) or "identity"
@@ -189,7 +203,7 @@ def _trace(leaves: tuple[Rule, ...]) -> Program:
     roots = [d.node] + [node for _, node in stores]
     hoisted = _hoistable(graph, roots)
     index = {node.index: len(scalars) + k for k, node in enumerate(hoisted)}
-    return Program(graph, names, tuple(slots), scalars, stores, d.node, totals, hoisted, index)
+    return Program(graph, names, tuple(slots), scalars, stores, d.node, totals, hoisted, index, new_x)
 
 
 def _host_computable(node: Node) -> bool:

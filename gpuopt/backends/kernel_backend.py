@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..dtypes import BFLOAT16
 from ..plan import Program
 from .cuda_source import CHUNK, MAX_THREADS, TABLE_COLUMNS, VEC, module_source
 from .numpy_backend import compute_dtype
@@ -193,7 +194,9 @@ class KernelBackend:
             with place.scope(device, place.caller_stream(framework, device)):
                 for (param, grad), positions in _dtype_groups(placed).items():
                     group = [placed[i] for i in positions]
-                    if isinstance(self.device, StridedDevice) and not program.levels:
+                    # (bfloat16 lives in uint16 views, which CuPy's element-wise kernels would
+                    # convert as numbers: those keep the contiguous copy)
+                    if isinstance(self.device, StridedDevice) and not program.levels and BFLOAT16 not in (param, grad):
                         contiguous = []
                         for job in group:  # strided arrays in place, one launch each
                             if job.x.flags.c_contiguous and job.g.flags.c_contiguous:
@@ -468,10 +471,10 @@ def _placement_groups(place: Placement, jobs: Sequence[Job]) -> dict[tuple[int, 
 
 
 def _dtype_groups(jobs: Sequence[Any]) -> dict[tuple, list[int]]:
-    """Positions of the jobs, grouped by (param dtype, grad dtype): one module each."""
+    """Positions of the jobs, grouped by (param, grad) element type: one module each."""
     groups: dict[tuple, list[int]] = {}
     for position, job in enumerate(jobs):
-        groups.setdefault((np.dtype(job.x.dtype), np.dtype(job.g.dtype)), []).append(position)
+        groups.setdefault((np.dtype(job.x_type), np.dtype(job.g_type)), []).append(position)
     return groups
 
 

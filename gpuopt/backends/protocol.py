@@ -22,6 +22,12 @@ class Job:
     scalars: list[float]
     out: Any = None  # apply(): where the step goes
     framework: str = ""  # whose stream orders the work ("cupy", "torch"; "" on the CPU)
+    x_type: Any = None  # element types: the arrays' dtypes, or BFLOAT16 for uint16 views
+    g_type: Any = None
+
+    def __post_init__(self) -> None:
+        self.x_type = self.x.dtype if self.x_type is None else self.x_type
+        self.g_type = self.g.dtype if self.g_type is None else self.g_type
 
 
 class PreparedLaunch(Protocol):

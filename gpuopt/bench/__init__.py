@@ -12,7 +12,9 @@ ADAM())``) and each size it measures the time per step of :func:`gpuopt.update` 
   ``fused=True`` on the CPU) where PyTorch is importable;
 - a model with GPT-2 small's 148 parameter tensors (:func:`gpt2_shapes`, 124M parameters):
   one multi-tensor ``update`` call against a per-tensor loop, one flat tensor of the same size,
-  the unfused loop and PyTorch, plus the host time of one ``update`` call;
+  the unfused loop and PyTorch, plus the host time of one ``update`` call, and
+  ``gpuopt.torch.Optimizer``'s ``step()`` on the same tensors (host and device, as a PyTorch
+  training loop pays it) against ``torch.optim.Adam(fused=True)``;
 - the targets of SPEC section 6, each reported as met, not met or not measured.
 
 GPU times come from CUDA events after warm-up; CPU times from ``time.perf_counter``. Each
