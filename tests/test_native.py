@@ -416,3 +416,20 @@ def test_a_compiler_without_openmp_simd_or_march_native_still_builds(device, tmp
         results.append(x)
     assert backend.device._flags == ()
     _same_bits(*results, "plain flags")
+
+
+def test_bfloat16_torch_tensors_match_the_executor(use):
+    torch = pytest.importorskip("torch")
+    results = []
+    for on_native in (True, False):
+        use(on_native)
+        gen = torch.Generator().manual_seed(7)
+        opt = CHAINS["ClipNorm+ADAM"]()
+        params = [torch.randn(n, generator=gen).to(torch.bfloat16) for n in (CHUNK + 999, 5)]
+        for _ in range(4):
+            grads = [torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in params]
+            gpuopt.update(opt, params, grads)
+            gpuopt.update(opt, params[1], grads[1])
+        results.append([p.view(torch.int16).numpy().copy() for p in params])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)

@@ -9,24 +9,46 @@ stderr, once).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from . import numpy_backend
+from .protocol import Backend
 
-_cpu_choice: list[Any] = []  # the backend for NumPy arrays, once chosen
+_OVERRIDES: dict[str, Backend] = {}
+_cpu_choice: list[Any] = []  # the native backend for NumPy arrays, or None, once chosen
 _choosing = threading.Lock()
 
 
-def get_backend(name: str) -> Any:
+def get_backend(name: str) -> Backend:
     """The backend object for ``"numpy"`` or ``"cupy"`` (CuPy imported only when asked)."""
+    override = _OVERRIDES.get(name)
+    if override is not None:
+        return override
     if name == "numpy":
         return cpu_backend()
     from .cupy_backend import BACKEND
 
     return BACKEND
+
+
+@contextlib.contextmanager
+def backend_override(name: str, backend: Backend) -> Iterator[Backend]:
+    """Run arrays of ``name`` through ``backend`` inside the block: the host-time benchmark
+    sends NumPy arrays through the kernel backend with a device that launches nothing."""
+    previous = _OVERRIDES.get(name)
+    _OVERRIDES[name] = backend
+    try:
+        yield backend
+    finally:
+        if previous is None:
+            del _OVERRIDES[name]
+        else:
+            _OVERRIDES[name] = previous
 
 
 def cpu_backend() -> Any:

@@ -128,7 +128,8 @@ class NativeDevice:
         return library
 
     def _build(self, source: str) -> Path:
-        files = {"module.cpp": source, "cuda_fp16.h": _template("native_fp16.h"), "target.txt": _target()}
+        files = {"module.cpp": source, "cuda_fp16.h": _template("native_fp16.h"),
+                 "cuda_bf16.h": _template("native_bf16.h"), "target.txt": _target()}
         choices = [self._flags] if self._flags is not None else list(OPTIONAL_FLAGS)
         for k, extra in enumerate(choices):
             command = [self.compiler, *BASE_FLAGS, *extra, "-I.", "module.cpp", "-o", "module.so"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import dtypes
 from ..expr import Node
 from ..plan import Program
 
@@ -41,7 +42,7 @@ _UFUNCS: dict[str, Callable[..., Any]] = {
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """float16 is stored as float16 but computed (and its state kept) in float32."""
+    """float16 and bfloat16 are stored as such but computed (and their state kept) in float32."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
@@ -88,6 +89,7 @@ class _Pass:
     def __init__(self, program: Program, roots: list[Node], ct: np.dtype, param_dtype: np.dtype,
                  grad_dtype: np.dtype, stores: Sequence[tuple[int, Node]] = ()):
         self.nodes = program.needed(roots)
+        self.param_dtype, self.grad_dtype = param_dtype, grad_dtype
         varying = [n for n in self.nodes if not n.uniform]
         position = {n.index: pos for pos, n in enumerate(varying)}
         last_use: dict[int, int] = {}
@@ -152,6 +154,8 @@ class _Pass:
                 what(*[vals[a] for a in args], out=out)
             elif kind == _WHERE:
                 _where(vals[args[0]], vals[args[1]], vals[args[2]], out)
+            elif (self.param_dtype if what == "x" else self.grad_dtype) == dtypes.BFLOAT16:
+                dtypes.widen(x if what == "x" else g, out)
             else:
                 np.copyto(out, x if what == "x" else g)
             vals[index] = out
@@ -172,12 +176,16 @@ class NumpyExecutor:
             for level in range(1, program.levels + 1)
         ]
         final_roots = [program.result] + [node for _, node in program.stores]
-        if not apply:  # x - d needs x, converted to compute precision if stored as float16
+        if not apply and program.new_x is None:  # x - d needs x, in compute precision
             final_roots.append(next(n for n in program.graph.nodes if n.op == "x"))
         self.final_pass = _Pass(program, final_roots, self.ct, self.param_dtype, self.grad_dtype,
                                 program.stores)
         self._x_index = final_roots[-1].index
         self._x_new = np.empty(BLOCK, self.ct) if self.param_dtype != self.ct else None
+        # bfloat16 results are rounded through these (nothing allocated per step)
+        narrowing = self.param_dtype == dtypes.BFLOAT16
+        self._bits = np.empty(BLOCK, np.uint32) if narrowing else None
+        self._nan = np.empty(BLOCK, bool) if narrowing else None
         self._scratch = {id(p): [np.empty(BLOCK, dtype=bool if kind else self.ct) for kind in p.buffer_kinds]
                          for p in [*self.stage_passes, self.final_pass]}
         self._vals: list[Any] = [None] * len(program.graph.nodes)
@@ -244,13 +252,23 @@ class NumpyExecutor:
                 for slot, value in staged:
                     np.copyto(sb[slot], value)
                 if self.apply:
-                    np.copyto(out[start:stop], vals[result], casting="same_kind")
+                    self._store(out[start:stop], vals[result])
+                elif program.new_x is not None:  # the rounding of the master copy
+                    self._store(xb, vals[program.new_x.index])
                 elif self.param_dtype == self.ct:
                     np.subtract(xb, vals[result], out=xb)
                 else:
                     x_new = self._x_new[: stop - start]
                     np.subtract(vals[self._x_index], vals[result], out=x_new)
-                    np.copyto(xb, x_new, casting="same_kind")
+                    self._store(xb, x_new)
+
+    def _store(self, target: np.ndarray, values: np.ndarray) -> None:
+        """Compute-precision ``values`` into parameter storage, rounded to nearest (even)."""
+        if self.param_dtype == dtypes.BFLOAT16:
+            n = target.shape[0]
+            dtypes.narrow(values, target, self._bits[:n], self._nan[:n])
+        else:
+            np.copyto(target, values, casting="same_kind")
 
 
 @functools.lru_cache(maxsize=512)
@@ -266,15 +284,27 @@ class NumpyBackend:
     name = "numpy"
 
     @staticmethod
-    def full_state(initial: Sequence[float], size: int, dtype: np.dtype) -> np.ndarray:
+    def full_state(initial: Sequence[float], size: int, dtype: np.dtype, like: Any = None) -> np.ndarray:
         state = np.empty((len(initial), size), dtype=dtype)
         for row, value in zip(state, initial):
             row.fill(value)
         return state
 
     @staticmethod
+    def state_from(values: np.ndarray, dtype: np.dtype, like: Any) -> np.ndarray:
+        return np.array(values, dtype=dtype, order="C")
+
+    @staticmethod
     def empty_like(x: np.ndarray) -> np.ndarray:
         return np.empty(x.shape, dtype=x.dtype)
+
+    @staticmethod
+    def check_launchable(arrays: Sequence[Any], framework: str) -> None:
+        pass  # NumPy runs now, on the calling thread
+
+    @staticmethod
+    def prepare(program: Program, jobs: Sequence[Any]) -> None:
+        return None  # NumPy has no tables or launches worth keeping
 
     @staticmethod
     def run(program: Program, jobs: Sequence[Any], apply: bool) -> None:
@@ -284,7 +314,7 @@ class NumpyBackend:
             flat_x = (x if contiguous else np.ascontiguousarray(x)).reshape(-1)
             flat_g = np.ascontiguousarray(g).reshape(-1)
             out = job.out.reshape(-1) if apply else None
-            executor(program, x.dtype, g.dtype, apply).run(flat_x, flat_g, job.slots, job.scalars, out)
+            executor(program, job.x_type, job.g_type, apply).run(flat_x, flat_g, job.slots, job.scalars, out)
             if not contiguous and not apply:
                 np.copyto(x, flat_x.reshape(x.shape))
 
