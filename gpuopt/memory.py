@@ -1,0 +1,133 @@
+"""Where an array's elements live: byte bounds, overlap between the arrays of one call, and
+the memory owner that optimiser state follows.
+
+Two checks use this:
+- ``update`` refuses memory shared between a parameter and any other parameter or gradient of
+  the same call (a parameter passed as its own gradient, element for element, is fine). Bounds
+  decide first (sorted, so a 150-tensor model costs one sort); arrays whose bounds meet are
+  then compared element-exactly with ``np.shares_memory``, so interleaved views such as
+  ``buf[0::2]`` and ``buf[1::2]`` are not refused. CuPy arrays are compared the same way, from
+  their device pointer, shape and strides (no device memory is read).
+- State follows memory: a new array object laid out exactly over memory that already has state
+  (``x[...]``, ``p.data`` of a PyTorch parameter) finds that state, for as long as the memory's
+  owner (the base array, or a torch tensor's storage) is alive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: np.shares_memory's work bound for arrays whose bounds meet; beyond it they count as overlapping
+_EXACT_WORK = 100_000
+_TOO_HARD = getattr(np, "exceptions", np).TooHardError
+
+
+def data_pointer(array: Any) -> int:
+    """Address of element 0 (a host address for NumPy, a device address for CuPy)."""
+    if isinstance(array, np.ndarray):
+        return array.__array_interface__["data"][0]
+    return int(array.data.ptr)
+
+
+def layout(array: Any) -> tuple:
+    """What makes two arrays the same elements in the same order: pointer, shape, strides, dtype."""
+    return (data_pointer(array), tuple(array.shape), tuple(array.strides), np.dtype(array.dtype).str)
+
+
+def byte_bounds(array: Any) -> tuple[int, int] | None:
+    """[low, high) bytes an array may touch; None for an empty array."""
+    if array.size == 0:
+        return None
+    low = high = data_pointer(array)
+    for n, stride in zip(array.shape, array.strides):
+        if stride < 0:
+            low += (n - 1) * stride
+        else:
+            high += (n - 1) * stride
+    return low, high + np.dtype(array.dtype).itemsize
+
+
+class _Interface:
+    """An ``__array_interface__`` for an address: NumPy only does arithmetic on it here."""
+
+    def __init__(self, array: Any):
+        self.__array_interface__ = {
+            "data": (data_pointer(array), True), "shape": tuple(array.shape),
+            "strides": tuple(array.strides), "typestr": np.dtype(array.dtype).str, "version": 3,
+        }
+
+
+def _elements_meet(a: Any, b: Any) -> bool:
+    host_a = a if isinstance(a, np.ndarray) else np.asarray(_Interface(a))
+    host_b = b if isinstance(b, np.ndarray) else np.asarray(_Interface(b))
+    try:
+        return bool(np.shares_memory(host_a, host_b, max_work=_EXACT_WORK))
+    except _TOO_HARD:
+        return True
+
+
+def check_overlaps(entries: list[tuple[str, str, Any, Any]]) -> None:
+    """ValueError naming both arrays if a parameter's memory meets any other parameter or
+    gradient among ``entries`` = (name, backend, parameter array, gradient array).
+
+    A gradient laid out exactly as its own parameter is allowed: each element is read before
+    the same element is written.
+    """
+    spans = []  # (low, high, position, is_param)
+    for position, (_, _, x, g) in enumerate(entries):
+        bounds = byte_bounds(x)
+        if bounds is None:
+            continue
+        spans.append((*bounds, position, True))
+        if g is not x and (g.size == 0 or layout(g) != layout(x)):
+            g_bounds = byte_bounds(g)
+            if g_bounds is not None:
+                spans.append((*g_bounds, position, False))
+    spans.sort(key=lambda s: s[0])
+    open_spans: list[tuple] = []
+    for span in spans:
+        low, _, position, is_param = span
+        open_spans = [s for s in open_spans if s[1] > low]
+        for other in open_spans:
+            if not (is_param or other[3]):
+                continue  # two gradients: both only read
+            if entries[position][1] != entries[other[2]][1]:
+                continue  # host and device addresses are different spaces
+            first, second = (other, span) if other[3] else (span, other)  # the parameter first
+            a = entries[first[2]][2]
+            b = entries[second[2]][2 if second[3] else 3]
+            if _elements_meet(a, b):
+                raise ValueError(_overlap_message(entries, first, second))
+        open_spans.append(span)
+
+
+def _overlap_message(entries: list, param: tuple, other: tuple) -> str:
+    name = entries[param[2]][0]
+    other_name = entries[other[2]][0]
+    if other[3]:
+        what = f"{other_name}"
+    elif other[2] == param[2]:
+        what = "its own gradient at another offset or layout"
+    else:
+        what = f"the gradient of {other_name}"
+    return (f"{name} shares memory with {what}; an update would read values it has already "
+            "written: pass arrays that do not overlap (a parameter may be its own gradient, "
+            "element for element)")
+
+
+def memory_owner(obj: object, array: Any) -> object:
+    """The object whose life is the memory's: a torch tensor's storage, or the base array a
+    view was taken from (the array itself if it owns its memory or its owner cannot be
+    referenced weakly)."""
+    storage = getattr(obj, "untyped_storage", None)
+    if callable(storage):
+        try:
+            return storage()
+        except Exception:  # a tensor without storage (meta, sparse): fall back to the array
+            pass
+    root = array
+    while isinstance(getattr(root, "base", None), type(array)):
+        root = root.base
+    return root
