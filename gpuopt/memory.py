@@ -112,9 +112,8 @@ def _overlap_message(entries: list, param: tuple, other: tuple) -> str:
         what = "its own gradient at another offset or layout"
     else:
         what = f"the gradient of {other_name}"
-    return (f"{name} shares memory with {what}; an update would read values it has already "
-            "written: pass arrays that do not overlap (a parameter may be its own gradient, "
-            "element for element)")
+    return (f"{name} shares memory with {what}: the update would read values it has already "
+            "written; pass arrays that do not overlap")
 
 
 def memory_owner(obj: object, array: Any) -> object:

@@ -9,6 +9,7 @@ modules are also kept in the per-user cache, so a new process loads rather than 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,13 +28,21 @@ class CupyDevice:
 
         self.xp = cupy
         self.compiles = 0  # modules compiled by this process (tests check eta never adds one)
+        self._modules: dict[tuple[str, int], Any] = {}
+        self._compiling = threading.Lock()  # threads asking for one new module compile it once
 
-    @functools.cache  # noqa: B019 - one device object lives for the process
     def _module(self, source: str, gpu: int) -> Any:
-        self.compiles += 1
-        capability = int(self.xp.cuda.Device(gpu).compute_capability)
-        arch, binary = target_arch(capability, prefer_cupy=True)
-        return self.xp.RawModule(path=str(cached_module_file(source, arch, binary, prefer_cupy=True)))
+        module = self._modules.get((source, gpu))
+        if module is None:
+            with self._compiling:
+                module = self._modules.get((source, gpu))
+                if module is None:
+                    self.compiles += 1
+                    capability = int(self.xp.cuda.Device(gpu).compute_capability)
+                    arch, binary = target_arch(capability, prefer_cupy=True)
+                    module = self._modules[(source, gpu)] = self.xp.RawModule(
+                        path=str(cached_module_file(source, arch, binary, prefer_cupy=True)))
+        return module
 
     @functools.cache  # noqa: B019 - looked up on every launch
     def _function(self, source: str, name: str, gpu: int) -> Any:

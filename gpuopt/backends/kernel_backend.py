@@ -16,6 +16,7 @@ the same CUDA text compiled for the CPU, so the tables and chunking are tested w
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -73,6 +74,9 @@ class KernelBackend:
         self._tables: dict[str, _Tables] = {}  # by module source
         self._counters: list[LaunchCounter] = []
         self._null = None
+        # The cached tables are shared by every thread: building or replacing them is one
+        # thread at a time (launchers keep their own references, so launching needs no lock).
+        self._lock = threading.RLock()
 
     # -- what the API layer needs --------------------------------------------------------
 
@@ -89,10 +93,15 @@ class KernelBackend:
         return self.xp.empty(x.shape, dtype=x.dtype)
 
     def run(self, program: Program, jobs: Sequence[Any], apply: bool) -> None:
+        # Every copy, table and kernel of every group first, then the launches: a failed
+        # allocation or compile comes before anything is written.
+        staged = []
         for (param, grad), positions in _dtype_groups(jobs).items():
             group = [jobs[i] for i in positions]
             flat = [(job, _contiguous(self.xp, job.x), _contiguous(self.xp, job.g)) for job in group]
-            launch = self._group_launcher(program, param, grad, flat, apply)
+            with self._lock:
+                staged.append((group, flat, self._group_launcher(program, param, grad, flat, apply)))
+        for group, flat, launch in staged:
             launch([job.scalars for job in group])
             for job, x, _ in flat:  # kernels need contiguous memory; others went through a copy
                 if x is not job.x and not apply:
@@ -112,7 +121,8 @@ class KernelBackend:
                 # Always the multi-tensor kernel: its launcher holds device tables, not arrays.
                 live = [(jobs[i], jobs[i].x, jobs[i].g) for i in kept]
                 source = module_source(program, param, grad, False)
-                parts.append((self._multi_tensor(source, program, compute_dtype(param), live, False), kept))
+                with self._lock:
+                    parts.append((self._multi_tensor(source, program, compute_dtype(param), live, False), kept))
         return PreparedLaunch(parts)
 
     @contextlib.contextmanager
@@ -127,15 +137,16 @@ class KernelBackend:
     # -- internals ------------------------------------------------------------------------
 
     def _launch(self, source: str, name: str, blocks: int, args: Sequence[Any]) -> None:
-        for counter in self._counters:
+        for counter in tuple(self._counters):  # (a copy: another thread may leave its counter)
             counter.launches += 1
             counter.names.append(name)
         self.device.kernel(source, name)(blocks, self.device.threads, args)
 
     def _placeholder(self) -> Any:
         # Passed where a kernel takes a pointer it will not use (totals, out when updating).
-        if self._null is None:
-            self._null = self.xp.zeros(1, dtype=np.float64)
+        with self._lock:
+            if self._null is None:
+                self._null = self.xp.zeros(1, dtype=np.float64)
         return self._null
 
     def _group_launcher(self, program: Program, param: np.dtype, grad: np.dtype, flat: list[tuple],
@@ -147,7 +158,12 @@ class KernelBackend:
         live = [flat[i] for i in kept]
         source = module_source(program, param, grad, apply)
         ct = compute_dtype(param)
-        if len(live) == 1 and not program.levels:
+        single = len(live) == 1 and not program.levels
+        names = ["gpuopt_elementwise"] if single else ["gpuopt_multi_reduce"] * bool(program.levels) + [
+            "gpuopt_multi_tensor"]
+        for name in names:  # compiled now, so that a failing compile comes before any write
+            self.device.kernel(source, name)
+        if single:
             launch = self._elementwise(source, ct, live[0], apply)
         else:
             launch = self._multi_tensor(source, program, ct, live, apply)
