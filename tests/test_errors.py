@@ -285,3 +285,109 @@ def test_snapshot_sees_every_kind_of_change():
     extra = np.ones(2)
     gpuopt.update(opt, extra, np.ones(2))
     assert snapshot(opt, params, grads)["state"][-1][2] == before["state"][-1][2] + 1
+
+
+# -- all-or-nothing: a failure injected at every stage of a call changes nothing -------------
+
+
+class FailOn:
+    """Wraps ``original``; its ``n``-th call (counting from 0) raises ``error`` instead."""
+
+    def __init__(self, original: Callable, n: int, error: BaseException):
+        self.original, self.n, self.error, self.calls = original, n, error, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls - 1 == self.n:
+            raise self.error
+        return self.original(*args, **kwargs)
+
+
+def strided_setup() -> tuple[gpuopt.Optimiser, list[np.ndarray], list[np.ndarray]]:
+    """Warmed-up parameters that are not contiguous (each step copies them), plus two new
+    parameters (the step creates their state), with a schedule that decays on this step."""
+    opt, params, grads = warmed_up()
+    rng = np.random.default_rng(5)
+    params = params + [rng.standard_normal((6, 4)).T, rng.standard_normal((3, 10))[:, ::2]]
+    grads = grads + [rng.standard_normal((4, 6)), rng.standard_normal((3, 5))]
+    return opt, params, grads
+
+
+def _stages() -> list[tuple[str, Any, str]]:
+    from gpuopt.backends import numpy_backend
+
+    return [
+        ("state-allocation", numpy_backend.NumpyBackend, "full_state"),
+        ("contiguous-copy", numpy_backend.np, "ascontiguousarray"),
+        ("executor", numpy_backend, "executor"),
+        ("scratch", numpy_backend, "_Scratch"),
+    ]
+
+
+@pytest.mark.parametrize("stage", range(4), ids=[s[0] for s in _stages()])
+@pytest.mark.parametrize("call", ["update", "apply"])
+def test_failure_at_every_stage_changes_nothing(stage, call, monkeypatch):
+    """The n-th call of the stage fails, for every n the step makes; then one that succeeds."""
+    from gpuopt.backends import numpy_backend
+
+    name, owner, attribute = _stages()[stage]
+    n = 0
+    while True:
+        opt, params, grads = strided_setup()
+        numpy_backend.executor.cache_clear()  # so that scratch buffers are allocated in this call
+        before = snapshot(opt, params, grads)
+        failing = FailOn(getattr(owner, attribute), n, MemoryError("injected"))
+        monkeypatch.setattr(owner, attribute, failing)
+        try:
+            if call == "update":
+                gpuopt.update(opt, params, grads)
+            else:
+                gpuopt.apply(opt, params[-1], grads[-1])
+        except MemoryError as exc:
+            assert str(exc) == "injected"
+            assert snapshot(opt, params, grads) == before, f"{name}: failure at call {n} changed something"
+            n += 1
+            continue
+        finally:
+            monkeypatch.undo()
+        assert n > 0, f"{name}: the step never reached this stage"
+        assert snapshot(opt, params, grads) != before  # the step that did not fail did change things
+        break
+
+
+class FailingDevice:
+    """A kernel device whose compile or launch fails: the kernel backend must fail before
+    writing (NumPy arrays stand in for device memory)."""
+
+    xp = np
+    threads = 8
+    max_blocks = 2
+
+    def __init__(self, fail_at: str):
+        self.fail_at = fail_at
+
+    def kernel(self, source: str, name: str) -> Callable:
+        if self.fail_at == "compile":
+            raise RuntimeError("injected compile failure")
+
+        def launch(blocks: int, threads: int, args: Any) -> None:
+            raise RuntimeError("injected launch failure")
+
+        return launch
+
+    @staticmethod
+    def pointer(array: np.ndarray) -> int:
+        return array.ctypes.data
+
+
+@pytest.mark.parametrize("fail_at", ["compile", "launch"])
+def test_failing_kernel_changes_nothing(fail_at, monkeypatch):
+    from gpuopt.backends.kernel_backend import KernelBackend
+
+    opt, params, grads = strided_setup()
+    backend = KernelBackend(FailingDevice(fail_at))
+    monkeypatch.setattr(gpuopt.api, "get_backend", lambda name: backend)
+    before = snapshot(opt, params, grads)
+    with pytest.raises(RuntimeError, match=f"injected {fail_at} failure"):
+        gpuopt.update(opt, params, grads)
+    assert snapshot(opt, params, grads) == before
