@@ -46,41 +46,49 @@ _REQUIRED = object()
 INT_LIMIT = 2**63 - 1
 
 
+def _show(value: Any) -> str:
+    """``repr(value)``, shortened when it is long (a 400-digit integer)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:16]}...{text[-4:]} ({len(text)} characters)"
+
+
 def _number(name: str, value: Any) -> float:
+    value = plain_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+        raise ValueError(f"{name} must be a finite real number, got {_show(value)}")
     if isinstance(value, int) and abs(value) > INT_LIMIT:
-        raise ValueError(f"{name} = {value} is too large to use or save (at most {INT_LIMIT} as an integer)")
+        raise ValueError(f"{name} must be at most {INT_LIMIT} as an integer (to be used and saved), "
+                         f"got {_show(value)}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+        raise ValueError(f"{name} must be a finite real number, got {_show(value)}")
     return value
 
 
 def non_negative(name: str, value: Any) -> None:
     if _number(name, value) < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+        raise ValueError(f"{name} must be >= 0, got {_show(value)}")
 
 
 def positive(name: str, value: Any) -> None:
     if _number(name, value) <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+        raise ValueError(f"{name} must be > 0, got {_show(value)}")
 
 
 def unit_interval(name: str, value: Any) -> None:
     if not 0 <= _number(name, value) < 1:
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+        raise ValueError(f"{name} must lie in [0, 1), got {_show(value)}")
 
 
 def beta_pair(name: str, value: Any) -> None:
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
-        raise ValueError(f"{name} must be a pair (beta1, beta2), got {value!r}")
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {_show(value)}")
     for i, b in enumerate(value):
         unit_interval(f"{name}[{i}]", b)
 
 
 def positive_integer(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT_LIMIT:
-        raise ValueError(f"{name} must be an integer in [1, {INT_LIMIT}], got {value!r}")
+        raise ValueError(f"{name} must be an integer in [1, {INT_LIMIT}], got {_show(value)}")
 
 
 def plain_number(value: Any) -> Any:

@@ -21,6 +21,7 @@ from gpuopt.plan import plan
 from .cases import ALL, CHAINS, OPTIMISERS, RULES, SignMomentum
 from .conftest import missing as _missing
 from .emulation import device as emulation
+from .test_rules import CLIPNORM_OVERFLOW, clipnorm_overflow_check
 
 DTYPES = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)]
 
@@ -545,3 +546,8 @@ def test_subnormal_state_is_kept_as_numpy_keeps_it(on_kernels):
     v = s_numpy[1]
     assert np.all((v > 0) & (v < np.finfo(np.float32).tiny))  # subnormal, not zero
     assert np.array_equal(s_kernels, s_numpy) and np.array_equal(x_kernels, x_numpy)
+@pytest.mark.parametrize("dtype, size, thresh", CLIPNORM_OVERFLOW,
+                         ids=[f"{np.dtype(c[0]).name}-{c[1]:g}" for c in CLIPNORM_OVERFLOW])
+def test_clipnorm_norm_never_overflows_in_the_cuda_text(dtype, size, thresh, on_kernels):
+    on_kernels(True)
+    clipnorm_overflow_check(dtype, size, thresh)

@@ -30,10 +30,24 @@ class ClipNorm(Rule):
 
     The norm is per array, as in Flux. It needs a reduction over the array before the
     element-wise pass; the reduction recomputes the rules before it instead of storing them.
+    The norm never overflows: besides the plain sum of squares, the same pass sums the squares
+    of ``d`` scaled down by powers of two, used when the plain sum overflows the compute type
+    (``down64`` rounds to 0 in float32, where ``down32`` always suffices).
     """
 
     thresh = Hyper(check=positive)
 
+    def host(self, t):
+        return {"down32": 2.0**-90, "down64": 2.0**-600}
+
     def step(self, d, x, s, h):
-        norm = sqrt(total(d * d))
-        return where(norm > h.thresh, d * h.thresh / norm, d)
+        plain = sqrt(total(d * d))
+
+        def factor(norm, down):
+            # norm * down > thresh * down, and thresh / (norm * down) * down: no overflow
+            return where(norm > h.thresh * down, h.thresh / norm * down, 1.0)
+
+        scaled32, scaled64 = d * h.down32, d * h.down64
+        norm32, norm64 = sqrt(total(scaled32 * scaled32)), sqrt(total(scaled64 * scaled64))
+        overflowed = where(h.down64 > 0, factor(norm64, h.down64), factor(norm32, h.down32))
+        return d * where(plain - plain < 1, factor(plain, 1.0), overflowed)  # (inf - inf is NaN)
