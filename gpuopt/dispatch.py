@@ -62,8 +62,11 @@ class Resolved:
 
 def resolve(obj: object, what: str) -> Resolved:
     """The backend array behind ``obj`` (no copy), or TypeError naming ``what``."""
-    if isinstance(obj, np.ndarray):
+    if type(obj) is np.ndarray:
         return Resolved("numpy", obj)
+    if isinstance(obj, np.ndarray):
+        # A subclass (np.matrix stays 2-D when flattened) is used as the plain array it views.
+        return Resolved("numpy", obj.view(np.ndarray))
     cupy = cupy_module()
     if cupy is not None and isinstance(obj, cupy.ndarray):
         return Resolved("cupy", obj)
@@ -71,18 +74,42 @@ def resolve(obj: object, what: str) -> Resolved:
         # A torch Parameter refuses to export itself; its detached alias shares the storage,
         # and the optimiser's in-place write is not something autograd should record.
         obj = obj.detach()
-    if hasattr(obj, "__cuda_array_interface__"):
-        return Resolved("cupy", _need_cupy(obj, what).asarray(obj))
-    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
-        device = obj.__dlpack_device__()[0]
-        if device in (_DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED):
-            return Resolved("cupy", _need_cupy(obj, what).from_dlpack(obj))
-        if device == _DLPACK_CPU:
-            return Resolved("numpy", np.from_dlpack(obj))
+    _check_torch_view(obj, what)
+    try:
+        if hasattr(obj, "__cuda_array_interface__"):
+            return Resolved("cupy", _need_cupy(obj, what).asarray(obj))
+        if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+            device = obj.__dlpack_device__()[0]
+            if device in (_DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED):
+                return Resolved("cupy", _need_cupy(obj, what).from_dlpack(obj))
+            if device == _DLPACK_CPU:
+                return Resolved("numpy", np.from_dlpack(obj))
+    except (RuntimeError, BufferError, ValueError) as exc:  # (TypeError passes: it is ours already)
+        dtype = getattr(obj, "dtype", "?")
+        raise TypeError(
+            f"{what} ({type_name(obj)} of dtype {dtype}) cannot be viewed without a copy: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; expected float16, "
+            "float32 or float64"
+        ) from None
     raise TypeError(
         f"{what} must be an array (numpy.ndarray, cupy.ndarray or a CUDA array such as a "
         f"torch CUDA tensor), got {type_name(obj)}"
     )
+
+
+def _check_torch_view(obj: object, what: str) -> None:
+    """A torch tensor with its negative or conjugate bit set (``z.conj().imag``) is a lazy view
+    whose DLPack export drops the bit, so its values would be read with the wrong sign."""
+    for bit, fix in (("is_neg", "resolve_neg"), ("is_conj", "resolve_conj")):
+        flag = getattr(obj, bit, None)
+        if callable(flag) and flag():
+            raise TypeError(
+                f"{what} is a torch tensor with its {bit[3:]} bit set (a lazy view such as z.conj().imag); "
+                f"pass t.{fix}() (a copy) instead"
+            )
+    dtype = str(getattr(obj, "dtype", ""))
+    if dtype.startswith("torch.") and dtype not in ("torch.float16", "torch.float32", "torch.float64"):
+        raise TypeError(f"{what} has dtype {dtype}; expected float16, float32 or float64")
 
 
 def _need_cupy(obj: object, what: str) -> Any:
