@@ -8,6 +8,8 @@ import pytest
 
 import gpuopt
 
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
+
 
 def test_matrix_subclass_is_updated_element_by_element():
     m = np.matrix([[1.0, 2.0], [3.0, 4.0]])
