@@ -219,8 +219,9 @@ class IdentityWeakMap:
 
     def __len__(self) -> int:
         """How many distinct states are held."""
-        values = {id(v) for _, v in self._items.values()}
-        values.update(id(v) for _, v in self._memory.values())
+        # (copied first: a weakref callback may remove an entry at any allocation)
+        values = {id(v) for _, v in list(self._items.values())}
+        values.update(id(v) for _, v in list(self._memory.values()))
         return len(values)
 
     def clear(self) -> None:
