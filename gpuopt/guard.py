@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import rule as _rule
 from .rule import Rule, holding
 
 
@@ -28,36 +29,32 @@ def check_optimiser(opt: object) -> Rule:
 class guarded:
     """``with guarded(opt):`` holds ``opt``'s locks and restores its host state on an error."""
 
-    __slots__ = ("rule", "lock", "saved")
+    __slots__ = ("rule", "lock", "saved", "outer")
 
     def __init__(self, opt: object):
         self.rule = check_optimiser(opt)
         self.lock = holding(self.rule)
-        self.saved: list[tuple[Any, ...]] = []
-
-    def _remember(self, rule: Rule) -> None:
-        for r in {id(r): r for r in (rule, *rule.leaves())}.values():
-            state = r.__dict__.get("_state")
-            maps = (dict(state._items), dict(state._memory)) if state is not None else None
-            self.saved.append((r, dict(r.__dict__), state, maps))
+        self.saved: list[tuple[Rule, dict]] = []
+        self.outer: Any = None
 
     def __enter__(self) -> None:
         self.lock.__enter__()
-        self._remember(self.rule)  # (under the lock: no other call is changing it)
+        # Under the lock, no other call is changing these rules. Attributes are copied (a few
+        # each); state maps only log what this call adds, which is nothing on a repeated step.
+        self.saved = [(r, dict(r.__dict__)) for r in {id(r): r for r in (self.rule, *self.rule.leaves())}.values()]
+        self.outer = _rule.changes.log
+        _rule.changes.log = []
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
+        log = _rule.changes.log
+        _rule.changes.log = self.outer
         try:
             if kind is not None:
-                self._restore()
+                _rule.undo(log)
+                for rule, attributes in self.saved:
+                    rule.__dict__.clear()
+                    rule.__dict__.update(attributes)
+            elif self.outer is not None:
+                self.outer.extend(log)  # (a call inside another: the outer one may still undo it)
         finally:
             self.lock.__exit__()
-
-    def _restore(self) -> None:
-        for rule, attributes, state, maps in self.saved:
-            rule.__dict__.clear()
-            rule.__dict__.update(attributes)
-            if maps is not None:
-                state._items.clear()
-                state._items.update(maps[0])
-                state._memory.clear()
-                state._memory.update(maps[1])

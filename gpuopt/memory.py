@@ -68,6 +68,39 @@ def _elements_meet(a: Any, b: Any) -> bool:
         return True
 
 
+def _allocation(array: Any) -> int | None:
+    """id of the NumPy array that owns ``array``'s memory, or None where that is not known
+    (CuPy, memory from a buffer or DLPack): two arrays with different owners cannot meet."""
+    if not isinstance(array, np.ndarray):
+        return None
+    root, base = array, array.base
+    while base is not None:
+        if type(base) is not np.ndarray:
+            return None  # memory from elsewhere (a buffer, a DLPack capsule, a subclass)
+        root, base = base, base.base
+    return id(root)  # (no base: the array allocated its own memory)
+
+
+def _suspects(entries: list[tuple[str, str, Any, Any]]) -> list[tuple[int, bool]]:
+    """(position, is_param) of the arrays whose bounds need comparing. Reading pointers costs
+    microseconds per NumPy array, so arrays in allocations of their own are left out."""
+    arrays = []
+    for position, (_, _, x, g) in enumerate(entries):
+        arrays.append((position, True, x))
+        if g is not x:
+            arrays.append((position, False, g))
+    owners = [_allocation(a) for _, _, a in arrays]
+    distinct = set(owners)
+    if None in distinct:
+        return [(position, is_param) for position, is_param, _ in arrays]
+    if len(distinct) == len(owners):
+        return []  # every array in an allocation of its own
+    shared: dict[int, list[int]] = {}
+    for k, owner in enumerate(owners):
+        shared.setdefault(owner, []).append(k)
+    return [arrays[k][:2] for ks in shared.values() if len(ks) > 1 and any(arrays[k][1] for k in ks) for k in ks]
+
+
 def check_overlaps(entries: list[tuple[str, str, Any, Any]]) -> None:
     """ValueError naming both arrays if a parameter's memory meets any other parameter or
     gradient among ``entries`` = (name, backend, parameter array, gradient array).
@@ -76,15 +109,13 @@ def check_overlaps(entries: list[tuple[str, str, Any, Any]]) -> None:
     the same element is written.
     """
     spans = []  # (low, high, position, is_param)
-    for position, (_, _, x, g) in enumerate(entries):
-        bounds = byte_bounds(x)
-        if bounds is None:
-            continue
-        spans.append((*bounds, position, True))
-        if g is not x and (g.size == 0 or layout(g) != layout(x)):
-            g_bounds = byte_bounds(g)
-            if g_bounds is not None:
-                spans.append((*g_bounds, position, False))
+    for position, is_param in _suspects(entries):
+        _, _, x, g = entries[position]
+        if not is_param and g.size and x.size and layout(g) == layout(x):
+            continue  # its own parameter's elements, one for one
+        bounds = byte_bounds(x if is_param else g)
+        if bounds is not None:
+            spans.append((*bounds, position, is_param))
     spans.sort(key=lambda s: s[0])
     open_spans: list[tuple] = []
     for span in spans:

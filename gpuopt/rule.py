@@ -159,6 +159,33 @@ def _memory_of(key: object) -> tuple[object, tuple] | None:
         return None
 
 
+class _Changes(threading.local):
+    """Per thread: while a call runs (see gpuopt.guard), every entry a state map adds or
+    replaces, with what it held before, so that a call that raises can undo them."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[dict, object, object]] | None = None
+
+
+changes = _Changes()
+_MISSING = object()
+
+
+def _journal(table: dict, key: object) -> None:
+    log = changes.log
+    if log is not None:
+        log.append((table, key, table.get(key, _MISSING)))
+
+
+def undo(log: list[tuple[dict, object, object]]) -> None:
+    """Put the state maps back as they were before the changes in ``log``."""
+    for table, key, old in reversed(log):
+        if old is _MISSING:
+            table.pop(key, None)
+        else:
+            table[key] = old
+
+
 class IdentityWeakMap:
     """Per-parameter state, found by the array object's identity or by its memory.
 
@@ -197,6 +224,7 @@ class IdentityWeakMap:
             if items.get(ident, (None,))[0] is _ref:
                 del items[ident]
 
+        _journal(items, ident)
         items[ident] = (weakref.ref(key, forget), value)
 
     def __setitem__(self, key: object, value: Any) -> None:
@@ -212,6 +240,7 @@ class IdentityWeakMap:
             if table.get(where, (None,))[0] is _ref:
                 del table[where]
 
+        _journal(table, where)
         try:
             table[where] = (weakref.ref(owner, forget), value)
         except TypeError:  # an owner that cannot be referenced weakly: found by identity only
@@ -225,8 +254,10 @@ class IdentityWeakMap:
         return len(values)
 
     def clear(self) -> None:
-        self._items.clear()
-        self._memory.clear()
+        for table in (self._items, self._memory):
+            for key in list(table):
+                _journal(table, key)
+            table.clear()
 
     def __deepcopy__(self, memo: dict) -> IdentityWeakMap:
         # Keys are not copied (unless the same deepcopy copied them): the copy keeps its own
