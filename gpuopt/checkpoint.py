@@ -30,7 +30,7 @@ import numpy as np
 
 from .backends.numpy_backend import compute_dtype
 from .dispatch import check_dtype, cupy_module, resolve
-from .rule import ParamState, Rule
+from .rule import ParamState, Rule, holding
 
 __all__ = ["save_state", "load_state", "CheckpointError"]
 
@@ -101,9 +101,10 @@ def _decode_value(array: np.ndarray) -> Any:
 
 
 def _to_host(array: Any) -> np.ndarray:
-    """A NumPy or CuPy array as a NumPy one (np.savez writes it out before anything changes)."""
+    """A NumPy or CuPy array as a new NumPy one: a copy taken under the optimiser's lock, so that
+    an update in another thread while the file is written does not tear it."""
     if isinstance(array, np.ndarray):
-        return array
+        return array.copy()
     return array.get()  # CuPy: device -> host
 
 
@@ -259,6 +260,12 @@ def save_state(opt: Rule, params: Any, path: PathOrFile) -> None:
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"opt must be a gpuopt rule or Optimiser, got {type(opt).__name__}")
+    with holding(opt):  # (no update of this optimiser in another thread meanwhile)
+        members = _members_of(opt, params)
+    _write(path, members)
+
+
+def _members_of(opt: Rule, params: Any) -> dict[str, np.ndarray]:
     structure, keys, objs = _flatten(params)
     arrays = [resolve(obj, _describe(structure, key)).array for key, obj in zip(keys, objs, strict=True)]
     leaves = opt.leaves()
@@ -296,7 +303,7 @@ def save_state(opt: Rule, params: Any, path: PathOrFile) -> None:
             members[f"rule{i}.param{j}.t"] = np.array(state.t, dtype=np.int64)
             if state.slots is not None:
                 members[f"rule{i}.param{j}.slots"] = _to_host(state.slots)
-    _write(path, members)
+    return members
 
 
 # -- load ------------------------------------------------------------------------------------
@@ -495,10 +502,15 @@ def load_state(opt: Rule, params: Any, path: PathOrFile, *, hyperparameters: boo
     if not isinstance(opt, Rule):
         raise TypeError(f"opt must be a gpuopt rule or Optimiser, got {type(opt).__name__}")
     archive = _read(path)
-    try:
-        plan = _plan(opt, params, archive, hyperparameters)
-    finally:
-        archive.close()
+    with holding(opt):
+        try:
+            plan = _plan(opt, params, archive, hyperparameters)
+        finally:
+            archive.close()
+        _apply_plan(plan)
+
+
+def _apply_plan(plan: _Plan) -> None:
     # Nothing below can fail: every value was checked and every array built above.
     for leaf, values in plan.hypers:
         for name, value in values.items():
