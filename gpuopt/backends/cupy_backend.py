@@ -16,6 +16,8 @@ from typing import Any
 from .kernel_backend import MAX_BLOCKS, THREADS_PER_BLOCK, KernelBackend
 from .nvrtc import cached_module_file, target_arch
 
+_COMPILING = threading.Lock()
+
 
 class CupyDevice:
     """Kernels launched on the current CUDA device with CuPy."""
@@ -28,19 +30,18 @@ class CupyDevice:
 
         self.xp = cupy
         self.compiles = 0  # modules compiled by this process (tests check eta never adds one)
-        self._modules: dict[tuple[str, int], Any] = {}
-        self._compiling = threading.Lock()  # threads asking for one new module compile it once
 
     def _module(self, source: str, gpu: int) -> Any:
-        module = self._modules.get((source, gpu))
+        modules = self.__dict__.setdefault("_modules", {})
+        module = modules.get((source, gpu))
         if module is None:
-            with self._compiling:
-                module = self._modules.get((source, gpu))
+            with _COMPILING:  # threads asking for one new module compile and load it once
+                module = modules.get((source, gpu))
                 if module is None:
                     self.compiles += 1
                     capability = int(self.xp.cuda.Device(gpu).compute_capability)
                     arch, binary = target_arch(capability, prefer_cupy=True)
-                    module = self._modules[(source, gpu)] = self.xp.RawModule(
+                    module = modules[(source, gpu)] = self.xp.RawModule(
                         path=str(cached_module_file(source, arch, binary, prefer_cupy=True)))
         return module
 
