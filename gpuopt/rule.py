@@ -402,10 +402,11 @@ class Rule:
         self.state_version += 1
 
     def reset(self) -> None:
-        """Forget all per-parameter state."""
-        for leaf in self.leaves():
-            leaf._state.clear()
-            leaf.state_version += 1
+        """Forget all per-parameter state (waiting for an update in another thread to finish)."""
+        with holding(self, refuse_repeats=False):
+            for leaf in self.leaves():
+                leaf._state.clear()
+                leaf.state_version += 1
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
@@ -498,10 +499,10 @@ class holding:
 
     __slots__ = ("locks",)
 
-    def __init__(self, opt: Rule):
+    def __init__(self, opt: Rule, refuse_repeats: bool = True):
         leaves = opt.leaves()
         rules = {id(leaf): leaf for leaf in leaves}
-        if len(rules) != len(leaves):
+        if refuse_repeats and len(rules) != len(leaves):
             raise ValueError(repeated_rule_message(leaves))
         rules[id(opt)] = opt
         self.locks = [_lock_of(rules[k]) for k in sorted(rules)]
