@@ -7,11 +7,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .backends import get_backend
 from .backends.numpy_backend import compute_dtype
 from .dispatch import Resolved, check_pair, check_writable, cupy_module, gpu_available
 from .guard import guarded
-from .memory import check_overlaps
+from .memory import Disjoint, check_overlaps
 from .plan import Program, plan
 from .rule import ParamState, Rule
 
@@ -158,6 +160,8 @@ class _Prepared:
         self.param_ids = tuple(map(id, params))
         # What a new gradient array must be like to take an old one's place in the tables.
         self.grad_kinds = [(type(g), g.dtype, g.shape, getattr(g, "device", None)) for g in grads]
+        self.params_memory = Disjoint(params)  # new gradients must not meet the parameters
+        self.grad_bytes = np.array([g.nbytes for g in grads], dtype=np.int64)
         self._use_gradients(grads)
         self.states = [leaf.state_for(job.key) for job in jobs for leaf in self.leaves]
         self.launch = launch
@@ -177,6 +181,8 @@ class _Prepared:
             if (type(g) is not kind or g.dtype != dtype or g.shape != shape
                     or not g.flags.c_contiguous or getattr(g, "device", None) != device):
                 return False
+        if self.params_memory.meets(grads, self.grad_bytes):
+            return False  # (the full path names the arrays that share memory)
         self.launch.set_gradients(grads)
         self._use_gradients(grads)
         return True

@@ -161,3 +161,24 @@ def memory_owner(obj: object, array: Any) -> object:
     while isinstance(getattr(root, "base", None), type(array)):
         root = root.base
     return root
+
+
+class Disjoint:
+    """The byte ranges of a prepared update's parameters (contiguous, and disjoint: the full
+    check passed), for a quick test of new gradient arrays of known sizes: do any meet them?
+    Conservative (bounds only): a True sends the call through the full, exact check."""
+
+    def __init__(self, params: list[Any]):
+        spans = sorted(bounds for bounds in map(byte_bounds, params) if bounds is not None)
+        self.lows = np.array([low for low, _ in spans], dtype=np.int64)
+        self.highs = np.array([high for _, high in spans], dtype=np.int64)
+
+    def meets(self, grads: list[Any], nbytes: np.ndarray) -> bool:
+        """Whether any of ``grads`` (contiguous, of ``nbytes`` each) meets a parameter."""
+        if not self.lows.size:
+            return False
+        lows = np.fromiter(map(data_pointer, grads), dtype=np.int64, count=len(grads))
+        highs = lows + nbytes
+        # The last parameter starting before each gradient ends is the only one it can meet.
+        before = np.searchsorted(self.lows, highs, side="left") - 1
+        return bool(np.any((before >= 0) & (self.highs[np.maximum(before, 0)] > lows) & (nbytes > 0)))

@@ -551,3 +551,24 @@ def test_subnormal_state_is_kept_as_numpy_keeps_it(on_kernels):
 def test_clipnorm_norm_never_overflows_in_the_cuda_text(dtype, size, thresh, on_kernels):
     on_kernels(True)
     clipnorm_overflow_check(dtype, size, thresh)
+
+
+def test_prepared_update_refuses_new_gradients_that_share_memory(on_kernels):
+    """New gradient arrays swapped into a prepared update are checked against the parameters:
+    one inside a parameter sends the call through the full check, which refuses it."""
+    on_kernels(True)
+    opt = gpuopt.ADAM(0.1)
+    params = [np.ones(64, np.float32), np.ones(32, np.float32)]
+    grads = [np.full(64, 0.5, np.float32), np.full(32, 0.5, np.float32)]
+    gpuopt.update(opt, params, grads)
+    gpuopt.update(opt, params, grads)
+    assert "_prepared" in vars(opt)
+    before, t = [p.copy() for p in params], opt.state_for(params[0]).t
+    bad = [np.full(64, 0.5, np.float32), params[0][:32]]  # like the old one, but inside params[0]
+    with pytest.raises(ValueError, match=r"params\[0\] shares memory with the gradient of params\[1\]"):
+        gpuopt.update(opt, params, bad)
+    assert all(np.array_equal(a, b) for a, b in zip(params, before)) and opt.state_for(params[0]).t == t
+    fresh = [np.full(64, 0.25, np.float32), np.full(32, 0.25, np.float32)]
+    gpuopt.update(opt, params, fresh)  # new arrays of their own: taken by the prepared update
+    assert vars(opt)["_prepared"].grad_ids == tuple(map(id, fresh))
+    assert opt.state_for(params[0]).t == t + 1
