@@ -572,3 +572,33 @@ def test_prepared_update_refuses_new_gradients_that_share_memory(on_kernels):
     gpuopt.update(opt, params, fresh)  # new arrays of their own: taken by the prepared update
     assert vars(opt)["_prepared"].grad_ids == tuple(map(id, fresh))
     assert opt.state_for(params[0]).t == t + 1
+
+
+def test_threads_through_the_kernel_backend_match_sequential(on_kernels):
+    """Separate optimisers in several threads, through the kernel backend (the CUDA text on
+    the CPU) and its shared table and module caches: exactly the sequential results."""
+    import threading
+
+    on_kernels(True)
+
+    def run(i: int, out: list) -> None:
+        rng = np.random.default_rng(i)
+        opt = CHAINS["ClipNorm+ADAM"]()
+        params = [rng.standard_normal(n).astype(np.float32) for n in (300 + i, 70, 5000)]
+        for _ in range(4):
+            gpuopt.update(opt, params, [rng.standard_normal(p.shape).astype(np.float32) for p in params])
+        out.append(params)
+
+    expected: list = []
+    for i in range(4):
+        run(i, expected)
+    got: list[list] = [[] for _ in range(4)]
+    threads = [threading.Thread(target=run, args=(i, got[i])) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for want, have in zip(expected, got):
+        assert len(have) == 1
+        for a, b in zip(want, have[0]):
+            np.testing.assert_array_equal(a, b)
