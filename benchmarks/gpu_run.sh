@@ -37,6 +37,8 @@ fi
 python3 -m gpuopt bench --json "$out/$stamp-bench.json" --plot "$out/$stamp-bench.png" "${bench_options[@]}" 2>&1 \
     | tee "$out/$stamp-bench.txt"
 bench=${PIPESTATUS[0]}
+python3 -m gpuopt bench --host --host-launches --json "$out/$stamp-host.json" 2>&1 | tee "$out/$stamp-host.txt"
+python3 -m gpuopt bench --host --json "$out/$stamp-host-noop.json" 2>&1 | tee "$out/$stamp-host-noop.txt"
 echo
 echo "== summary: $stamp, $((SECONDS - start)) s =="
 tail -n 1 "$out/$stamp-pytest.txt"

@@ -6,6 +6,7 @@ are both generated from that one definition.
 
 from .api import apply, count_launches, update
 from .backends.cuda_source import kernel_source
+from .backends.kernel_backend import GraphCaptureError
 from .chain import Optimiser
 from .checkpoint import CheckpointError, load_state, save_state
 from .expr import Expr, clamp, maximum, minimum, sqrt, total, where
@@ -24,6 +25,7 @@ from .rules import (
     Descent,
     ExpDecay,
     InvDecay,
+    MixedPrecision,
     Momentum,
     Nesterov,
     RMSProp,
@@ -37,13 +39,22 @@ Adam, AdamW, NAdam, RAdam, Adadelta, Adagrad, RMSprop, SGD = (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # gpuopt.torch is imported on first use, so that `import gpuopt` never imports torch.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'gpuopt' has no attribute {name!r}")
+
 __all__ = [
     "update", "apply", "kernel_source", "count_launches", "Optimiser", "Rule", "Hyper", "Expr",
-    "save_state", "load_state", "CheckpointError",
+    "save_state", "load_state", "CheckpointError", "GraphCaptureError",
     "sqrt", "maximum", "minimum", "clamp", "where", "total",
     "non_negative", "positive", "positive_integer", "unit_interval", "beta_pair",
     "Descent", "Momentum", "Nesterov", "RMSProp", "ADAM", "RADAM", "AdaMax", "ADAGrad",
     "ADADelta", "AMSGrad", "NADAM", "ADAMW", "WeightDecay", "ClipValue", "ClipNorm",
-    "InvDecay", "ExpDecay",
+    "InvDecay", "ExpDecay", "MixedPrecision",
     "Adam", "AdamW", "NAdam", "RAdam", "Adadelta", "Adagrad", "RMSprop", "SGD",
 ]

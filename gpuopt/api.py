@@ -1,33 +1,26 @@
-"""``update`` and ``apply``: the public entry points, for one array or a collection."""
+"""``update`` and ``apply``: the public entry points, for one array or a collection.
+
+Each call checks everything first (:func:`_checked`), creates missing state, hands the
+backends one :class:`~gpuopt.backends.protocol.Job` per parameter, then advances the step
+counts. A collection update repeated on the same parameters takes the prepared path of
+:mod:`gpuopt.prepared` instead.
+"""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from .backends import get_backend
 from .backends.numpy_backend import compute_dtype
+from .backends.protocol import Job
 from .dispatch import Resolved, check_pair, check_writable, cupy_module, gpu_available
+from .dtypes import BFLOAT16, to_compute
 from .guard import guarded
-from .memory import Disjoint, check_overlaps
+from .memory import check_overlaps
 from .plan import Program, plan
+from .prepared import PATHS, prepare, step_scalars, try_prepared
 from .rule import ParamState, Rule
-
-
-@dataclass
-class Job:
-    """One parameter's step, ready for a backend: flat arrays plus host scalars."""
-
-    key: object  # the user's parameter object: state is keyed on its identity
-    x: Any  # the parameter as a backend array (a view of the user's object)
-    g: Any
-    slots: list[Any]  # one flat row per state slot of the chain, in program order
-    scalars: list[float]
-    out: Any = None  # apply(): where the step goes
 
 
 def _entries(params: Any, grads: Any) -> list[tuple[str, object, object]]:
@@ -81,12 +74,18 @@ def _checked(opt: Rule, entries: Iterable[tuple[str, object, object]], writes_x:
         placed.append((name, x.backend, x.array, g.array))
     if writes_x:
         check_overlaps(placed)
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for _, x, _ in checked:
+        groups.setdefault((x.backend, x.framework), []).append(x.array)
+    for (backend, framework), arrays in groups.items():
+        get_backend(backend).check_launchable(arrays, framework)
     return checked
 
 
 def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved,
          scalar_cache: dict | None = None) -> Job:
-    """State (created on first use) and host scalars for one parameter's next step.
+    """State (created on first use, next to the parameter) and host scalars for one
+    parameter's next step.
 
     ``scalar_cache`` shares the host scalars of one call between parameters at the same step
     count, so a 150-tensor model computes them once, not 150 times.
@@ -98,27 +97,25 @@ def _job(opt: Rule, program: Program, key: object, x: Resolved, g: Resolved,
     for leaf in leaves:
         state = leaf.state_for(key)
         if state is None:
-            slots = None
-            if leaf.state:
-                slots = backend.full_state(leaf.initial_state(), x.array.size, compute_dtype(x.array.dtype))
-            state = ParamState(0, slots)
+            state = ParamState(0, fresh_slots(backend, leaf, x))
             leaf.set_state_for(key, state)
         states.append(state)
     step_counts = tuple(state.t + 1 for state in states)
     scalars = cache.get(step_counts)
     if scalars is None:
-        scalars = cache[step_counts] = _step_scalars(program, leaves, step_counts)
+        scalars = cache[step_counts] = step_scalars(program, leaves, step_counts)
     slots = [states[ref.rule].slots[ref.position] for ref in program.slots]
-    return Job(key, x.array, g.array, slots, scalars)
+    return Job(key, x.array, g.array, slots, scalars, framework=x.framework, x_type=x.element, g_type=g.element)
 
 
-def _step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[int, ...]) -> list[float]:
-    """Run each rule's host schedule for its next step, then collect the kernel's scalars."""
-    values = []
-    for leaf, t in zip(leaves, step_counts):
-        leaf.advance(t)
-        values.append(leaf.scalars(t))
-    return program.host_scalars([values[ref.rule][ref.name] for ref in program.scalars])
+def fresh_slots(backend: Any, leaf: Rule, x: Resolved) -> Any:
+    """A new state array for ``leaf`` and parameter ``x`` (next to it), as its first step finds it."""
+    if not leaf.state:
+        return None
+    slots = backend.full_state(leaf.initial_state(), x.array.size, compute_dtype(x.element), like=x.array)
+    for row in leaf.parameter_slots():  # a master copy starts as the parameter
+        slots[row][...] = to_compute(x.array.reshape(-1), x.element)
+    return slots
 
 
 def _advance(opt: Rule, jobs: list[Job]) -> None:
@@ -126,123 +123,6 @@ def _advance(opt: Rule, jobs: list[Job]) -> None:
         leaf.state_version += 1  # a prepared update of any optimiser sharing it is stale now
         for job in jobs:
             leaf.state_for(job.key).t += 1
-
-
-class _Prepared:
-    """The last collection update of an optimiser, kept so that repeating it on the same
-    parameter arrays skips the per-array checks, state lookups and table building: only the
-    host scalars are computed and the kernels launched. The gradients may be the same arrays
-    (PyTorch's persistent ``.grad``) or new ones like them (a fresh CuPy backward pass): then
-    each is checked against the one it replaces and only the tables' gradient column changes.
-
-    It holds weak references to the arrays (state stays weakly held: the record is dropped
-    when any parameter or gradient dies), the device tables, and the states whose step counts advance.
-    Any other change of state (another update or apply, reset, a checkpoint load) bumps the
-    rules' state_version, which makes the record stale.
-    """
-
-    def __init__(self, opt: Rule, program: Program, params: list, grads: list, jobs: list[Job],
-                 launch: Any):
-        self.program = program
-        self.leaves = opt.leaves()
-        self.versions = tuple(leaf.state_version for leaf in self.leaves)
-        owner = weakref.ref(opt)
-
-        def forget(_: object) -> None:
-            o = owner()
-            if o is not None and o.__dict__.get("_prepared") is self:
-                del o.__dict__["_prepared"]
-
-        # The record dies with any of its arrays, so while it lives their ids cannot have
-        # been reused: comparing ids is then an identity test (and costs a few microseconds).
-        self._forget = forget
-        self._params_alive = [weakref.ref(p, forget) for p in params]
-        self.param_ids = tuple(map(id, params))
-        # What a new gradient array must be like to take an old one's place in the tables.
-        self.grad_kinds = [(type(g), g.dtype, g.shape, getattr(g, "device", None)) for g in grads]
-        self.params_memory = Disjoint(params)  # new gradients must not meet the parameters
-        self.grad_bytes = np.array([g.nbytes for g in grads], dtype=np.int64)
-        self._use_gradients(grads)
-        self.states = [leaf.state_for(job.key) for job in jobs for leaf in self.leaves]
-        self.launch = launch
-
-    def _use_gradients(self, grads: list) -> None:
-        # Dropping the old references also drops their callbacks: an old gradient's death
-        # no longer concerns this record.
-        self._grads_alive = [weakref.ref(g, self._forget) for g in grads]
-        self.grad_ids = tuple(map(id, grads))
-
-    def take_gradients(self, grads: list) -> bool:
-        """Swap in new gradient arrays if each is like the one it replaces (array type, dtype,
-        shape, device, contiguous); False, changing nothing, if any is not."""
-        if len(grads) != len(self.grad_kinds):
-            return False
-        for g, (kind, dtype, shape, device) in zip(grads, self.grad_kinds):
-            if (type(g) is not kind or g.dtype != dtype or g.shape != shape
-                    or not g.flags.c_contiguous or getattr(g, "device", None) != device):
-                return False
-        if self.params_memory.meets(grads, self.grad_bytes):
-            return False  # (the full path names the arrays that share memory)
-        self.launch.set_gradients(grads)
-        self._use_gradients(grads)
-        return True
-
-    def matches(self, opt: Rule, params: list) -> bool:
-        return (
-            tuple(map(id, params)) == self.param_ids  # (None has its own id: never a match)
-            and opt.leaves() == self.leaves
-            and plan(opt) is self.program
-            and tuple(leaf.state_version for leaf in self.leaves) == self.versions
-        )
-
-    def step(self) -> None:
-        # Every array is at the same step counts (checked when prepared): the first's will do.
-        step_counts = tuple(state.t + 1 for state in self.states[: len(self.leaves)])
-        self.launch(_step_scalars(self.program, self.leaves, step_counts))
-        for state in self.states:
-            state.t += 1
-
-
-def _fast_path(opt: Rule, params: Any, grads: Any) -> bool:
-    """Repeat the prepared update if this call is the same as the last one; True if done."""
-    prepared = opt.__dict__.get("_prepared") if isinstance(opt, Rule) else None
-    if prepared is None or not isinstance(params, (list, tuple, dict)) or type(grads) is not type(params):
-        return False
-    if isinstance(params, dict):
-        if list(params) != list(grads):
-            return False
-        params, grads = list(params.values()), list(grads.values())
-    if not prepared.matches(opt, params):
-        return False
-    if tuple(map(id, grads)) != prepared.grad_ids and not prepared.take_gradients(grads):
-        return False  # (None, or an array of another kind: the full path checks and handles it)
-    prepared.step()
-    return True
-
-
-def _prepare(opt: Rule, program: Program, params: Any, grads: Any, checked: list, jobs: list[Job]) -> None:
-    """Keep what it takes to repeat this call (device collections of plain arrays only)."""
-    opt.__dict__.pop("_prepared", None)
-    if not isinstance(params, (list, tuple, dict)) or not jobs:
-        return
-    p = list(params.values()) if isinstance(params, dict) else list(params)
-    g = list(grads.values()) if isinstance(grads, dict) else list(grads)
-    if any(x is None for x in g) or len(checked) != len(p):
-        return
-    backend = get_backend(checked[0][1].backend)
-    if not hasattr(backend, "prepare") or any(
-        x.backend != checked[0][1].backend or x.array is not key or gr.array is not gobj
-        for (key, x, gr), gobj in zip(checked, g)
-    ):
-        return  # NumPy has nothing to prepare; views of torch tensors are re-read every call
-    if len({tuple(leaf.state_for(job.key).t for leaf in opt.leaves()) for job in jobs}) != 1:
-        return  # step counts differ between arrays
-    try:
-        launch = backend.prepare(program, jobs)
-    except MemoryError:  # the update itself is done: only its repetition stays unprepared
-        return
-    if launch is not None:
-        opt.__dict__["_prepared"] = _Prepared(opt, program, p, g, jobs, launch)
 
 
 def update(opt: Rule, params: Any, grads: Any) -> None:
@@ -258,11 +138,12 @@ def update(opt: Rule, params: Any, grads: Any) -> None:
 
 
 def _update(opt: Rule, params: Any, grads: Any) -> None:
-    if _fast_path(opt, params, grads):
+    if try_prepared(opt, params, grads):
         return
     checked = _checked(opt, _entries(params, grads), writes_x=True)
     if not checked:
         return
+    PATHS["full"] += 1
     program = plan(opt)
     scalar_cache: dict = {}
     jobs = [_job(opt, program, key, x, g, scalar_cache) for key, x, g in checked]
@@ -272,7 +153,7 @@ def _update(opt: Rule, params: Any, grads: Any) -> None:
     for name, group in by_backend.items():
         get_backend(name).run(program, group, apply=False)
     _advance(opt, jobs)
-    _prepare(opt, program, params, grads, checked, jobs)
+    prepare(opt, program, params, grads, checked, jobs)
 
 
 def apply(opt: Rule, x: Any, dx: Any) -> Any:
@@ -294,6 +175,8 @@ def _apply(opt: Rule, x: Any, dx: Any) -> Any:
     job.out = backend.empty_like(xr.array)
     backend.run(program, [job], apply=True)
     _advance(opt, [job])
+    if xr.element == BFLOAT16:  # bfloat16 patterns: handed back as float32 values
+        return to_compute(job.out, BFLOAT16)
     return job.out
 
 

@@ -28,8 +28,10 @@ from typing import IO, Any, Union
 
 import numpy as np
 
+from .backends import get_backend
 from .backends.numpy_backend import compute_dtype
-from .dispatch import check_dtype, cupy_module, resolve
+from .dispatch import check_dtype, resolve
+from .dtypes import to_compute
 from .rule import ParamState, Rule, holding
 
 __all__ = ["save_state", "load_state", "CheckpointError"]
@@ -109,12 +111,9 @@ def _to_host(array: Any) -> np.ndarray:
 
 
 def _on_backend(saved: np.ndarray, backend: str, like: Any, dtype: np.dtype) -> Any:
-    """``saved`` as a new C-contiguous array of ``dtype`` next to the parameter ``like``."""
-    if backend == "numpy":
-        return np.array(saved, dtype=dtype, order="C")
-    cupy = cupy_module()
-    with like.device:  # state lives on the parameter's GPU
-        return cupy.array(saved, dtype=dtype, order="C")
+    """``saved`` as state rows of ``dtype`` next to the parameter ``like``, laid out exactly as
+    the backend lays out fresh state (padded, aligned rows on a GPU)."""
+    return get_backend(backend).state_from(np.asarray(saved), dtype, like)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -404,7 +403,7 @@ def _plan(opt: Rule, params: Any, archive: _Archive, restore_hyper: bool) -> _Pl
         what = _describe(structure, key)
         obj = lookup[key]
         r = resolve(obj, what)
-        check_dtype(r.array, what)
+        check_dtype(r.array, what, r.element)
         saved_shape = tuple(int(n) for n in archive.array(f"param{j}.shape", "iu", ndim=1))
         if tuple(r.array.shape) != saved_shape:
             raise CheckpointError(
@@ -440,7 +439,7 @@ def _plan(opt: Rule, params: Any, archive: _Archive, restore_hyper: bool) -> _Pl
             )
 
         for j, (what, obj, r) in enumerate(resolved):
-            ct = compute_dtype(r.array.dtype)
+            ct = compute_dtype(r.element)
             t_name = f"rule{i}.param{j}.t"
             if t_name not in archive:
                 # Never stepped when saved: a fresh state is what the first step would create.
@@ -450,6 +449,8 @@ def _plan(opt: Rule, params: Any, archive: _Archive, restore_hyper: bool) -> _Pl
                         initial = np.array(leaf.initial_state(), dtype=ct)[:, None]
                         slots = _on_backend(np.broadcast_to(initial, (n_slots, r.array.size)),
                                             r.backend, r.array, ct)
+                        for row in leaf.parameter_slots():  # a master copy starts as the parameter
+                            slots[row][...] = to_compute(r.array.reshape(-1), r.element)
                     plan.states.append((leaf, obj, ParamState(0, slots)))
                 continue
             t = archive.integer(t_name, what=f"{name}: step count for {what}")
@@ -501,17 +502,26 @@ def load_state(opt: Rule, params: Any, path: PathOrFile, *, hyperparameters: boo
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"opt must be a gpuopt rule or Optimiser, got {type(opt).__name__}")
-    archive = _read(path)
     with holding(opt):
-        try:
-            plan = _plan(opt, params, archive, hyperparameters)
-        finally:
-            archive.close()
-        _apply_plan(plan)
+        _commit(_planned(opt, params, path, hyperparameters))
 
 
-def _apply_plan(plan: _Plan) -> None:
-    # Nothing below can fail: every value was checked and every array built above.
+def _planned(opt: Rule, params: Any, path: PathOrFile, hyperparameters: bool = True,
+             label: str | None = None) -> _Plan:
+    """Read and check a checkpoint (``label`` names it in errors, else ``path`` does) and plan
+    every write of its load; nothing is changed."""
+    archive = _read(path)
+    if label is not None:
+        archive.source = label
+    try:
+        return _plan(opt, params, archive, hyperparameters)
+    finally:
+        archive.close()
+
+
+def _commit(plan: _Plan) -> None:
+    """Make a load's writes. Nothing here can fail: every value was checked and every array
+    built when the plan was made."""
     for leaf, values in plan.hypers:
         for name, value in values.items():
             setattr(leaf, name, value)

@@ -6,6 +6,9 @@ hand-written backprop. Everything is written against an array module ``xp`` (``n
 seed (Gaussian blobs, or interleaved spirals for a harder problem): the demo needs nothing
 besides gpuopt and NumPy.
 
+With ``--framework torch`` the same MLP is a ``torch.nn`` model trained by autograd through
+:class:`gpuopt.torch.Optimizer` (:mod:`gpuopt.demo_torch`), on the CPU or a GPU.
+
 The optimiser comes from the command line as an expression (``ADAM``, ``ADAM(1e-3)``,
 ``ClipNorm(1)+ADAM(1e-3)``, ``Optimiser(ExpDecay(0.01), Momentum())``), read by
 :func:`gpuopt.expressions.parse_optimiser`, which never calls ``eval``.
@@ -39,6 +42,7 @@ DEFAULT_OPTIMISER = "ADAM(0.01)"
 # -- data and model ------------------------------------------------------------------------
 
 DATASETS = ("blobs", "spirals")
+FRAMEWORKS = ("arrays", "torch")
 
 
 def make_dataset(n: int, *, kind: str = "blobs", classes: int = 4, seed: int = 0
@@ -155,8 +159,12 @@ def train(
     samples: int = 2048,
     log_every: int | None = None,
     log: Callable[[str], None] | None = None,
+    framework: str = "arrays",
 ) -> DemoResult:
     """Train the MLP with ``opt`` for ``steps`` minibatch steps.
+
+    ``framework``: ``arrays`` (NumPy or CuPy arrays, hand-written backprop, ``gpuopt.update``)
+    or ``torch`` (a ``torch.nn`` model, autograd, ``gpuopt.torch.Optimizer``).
 
     Progress lines go to ``log`` (default: stdout, flushed per line so a CI log shows them as
     they come); pass ``log=lambda line: None`` to train silently.
@@ -165,8 +173,15 @@ def train(
         raise DemoError("steps must be >= 0, batch size and hidden >= 1, classes and samples >= 2")
     if activation not in ("tanh", "relu"):
         raise DemoError(f"unknown activation {activation!r}; expected tanh or relu")
+    if framework not in FRAMEWORKS:
+        raise DemoError(f"unknown framework {framework!r}; expected one of {FRAMEWORKS}")
     backend = pick_backend(backend)
-    xp = np if backend == "numpy" else cupy_module()
+    if framework == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise DemoError("--framework torch needs PyTorch (pip install torch)") from None
+    xp = np if backend == "numpy" or framework == "torch" else cupy_module()
     say = log or _say
 
     # Data and weights come from NumPy's generator, so both backends start from the same values.
@@ -181,9 +196,21 @@ def train(
         if backend == "cupy":
             xp.cuda.get_current_stream().synchronize()
 
-    def evaluate() -> tuple[float, float]:
-        loss, acc, _ = loss_and_grads(xp, params, x_train, y_train, activation, grads=False)
+    def evaluate(test: bool = False) -> tuple[float, float]:
+        x, y = (x_test, y_test) if test else (x_train, y_train)
+        loss, acc, _ = loss_and_grads(xp, params, x, y, activation, grads=False)
         return float(loss), float(acc)
+
+    def train_step(idx: Any) -> None:
+        _, _, grads = loss_and_grads(xp, params, x_train[idx], y_train[idx], activation)
+        update(opt, params, grads)
+
+    if framework == "torch":
+        from . import demo_torch
+
+        data = (x_np[:samples], y_np[:samples], x_np[samples:], y_np[samples:])
+        backend, model, train_step = demo_torch.build(opt, params, data, activation, backend)
+        evaluate, sync = model.evaluate, model.sync
 
     every = log_every if log_every and log_every > 0 else max(1, steps // 10)
     width = len(str(steps))
@@ -207,8 +234,7 @@ def train(
             order, cursor = xp.asarray(rng.permutation(samples)), 0
         idx = order[cursor:cursor + batch_size]
         cursor += batch_size
-        _, _, grads = loss_and_grads(xp, params, x_train[idx], y_train[idx], activation)
-        update(opt, params, grads)
+        train_step(idx)
         if step % every == 0 or step == steps:
             sync()
             now = time.perf_counter()
@@ -225,7 +251,7 @@ def train(
     elapsed = time.perf_counter() - started
 
     final_loss, train_acc = history[-1][1], history[-1][2]
-    _, test_acc, _ = loss_and_grads(xp, params, x_test, y_test, activation, grads=False)
+    _, test_acc = evaluate(test=True)
     result = DemoResult(backend, history[-1][0], elapsed, loss0, final_loss, train_acc,
                         float(test_acc), 1.0 / classes, history)
     say(
@@ -273,6 +299,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--classes", type=at_least_two, default=4, help="number of classes (default: 4)")
     p.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                    help="hidden activation (default: tanh)")
+    p.add_argument("--framework", choices=FRAMEWORKS, default="arrays",
+                   help="arrays: NumPy/CuPy with hand-written backprop; torch: a torch.nn model through "
+                        "gpuopt.torch.Optimizer (default: arrays)")
     p.add_argument("--log-every", type=positive_int, default=None, metavar="N",
                    help="print progress every N steps (default: steps/10)")
     p.set_defaults(func=run)
@@ -286,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
             args.optimiser, steps=args.steps, backend=args.backend, seed=args.seed,
             batch_size=args.batch_size, hidden=args.hidden, dataset=args.dataset,
             classes=args.classes, activation=args.activation, log_every=args.log_every,
+            framework=args.framework,
         )
     except DemoError as exc:
         print(f"gpuopt demo: error: {exc}", file=sys.stderr)

@@ -8,7 +8,11 @@ Policy, in order:
    place; one exposing ``__dlpack__`` on the CPU (a PyTorch CPU tensor) is viewed as a NumPy
    array without a copy.
 4. Anything else is a ``TypeError``. So is a parameter whose gradient lives on another
-   backend, and any dtype other than float16, float32 or float64.
+   backend, and any dtype other than float16, bfloat16, float32 or float64.
+
+A PyTorch bfloat16 tensor is viewed through its 16-bit patterns (NumPy, CuPy and DLPack
+consumers have no bfloat16): the array is a ``uint16`` view and ``Resolved.element`` says
+bfloat16 (see :mod:`gpuopt.dtypes`).
 
 CuPy is imported only when a GPU object is seen, so the NumPy path never needs it.
 """
@@ -16,12 +20,15 @@ CuPy is imported only when a GPU object is seen, so the NumPy path never needs i
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+from .dtypes import BFLOAT16, SUPPORTED
+
+SUPPORTED_DTYPES = SUPPORTED
 _DLPACK_CPU, _DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED = 1, 2, 3, 13
 
 
@@ -58,43 +65,59 @@ class Resolved:
 
     backend: str  # "numpy" or "cupy"
     array: Any
+    framework: str = ""  # whose current stream orders GPU work on it: "cupy" or "torch"
+    element: Any = None  # the element type: the array's dtype, or BFLOAT16 for a uint16 view
+
+    def __post_init__(self) -> None:
+        if self.element is None:
+            self.element = np.dtype(self.array.dtype)
 
 
 def resolve(obj: object, what: str) -> Resolved:
     """The backend array behind ``obj`` (no copy), or TypeError naming ``what``."""
-    if type(obj) is np.ndarray:
-        return Resolved("numpy", obj)
     if isinstance(obj, np.ndarray):
-        # A subclass (np.matrix stays 2-D when flattened) is used as the plain array it views.
-        return Resolved("numpy", obj.view(np.ndarray))
+        # np.matrix stays 2-D when flattened (every element would get element 0's step): it
+        # is used as the plain array it views. Other subclasses keep their type.
+        return Resolved("numpy", obj.view(np.ndarray) if isinstance(obj, np.matrix) else obj)
     cupy = cupy_module()
     if cupy is not None and isinstance(obj, cupy.ndarray):
-        return Resolved("cupy", obj)
+        return Resolved("cupy", obj, "cupy")
     if getattr(obj, "requires_grad", False) and callable(getattr(obj, "detach", None)):
         # A torch Parameter refuses to export itself; its detached alias shares the storage,
         # and the optimiser's in-place write is not something autograd should record.
         obj = obj.detach()
     _check_torch_view(obj, what)
+    bits = _bfloat16_bits(obj)
+    exported = _export(obj if bits is None else bits, what)
+    if exported is not None:
+        if bits is not None:
+            return Resolved(exported.backend, exported.array.view(np.uint16), exported.framework, BFLOAT16)
+        return exported
+    raise TypeError(
+        f"{what} must be an array (numpy.ndarray, cupy.ndarray or a CUDA array such as a "
+        f"torch CUDA tensor), got {type_name(obj)}"
+    )
+
+
+def _export(obj: object, what: str) -> Resolved | None:
+    """``obj`` viewed through its CUDA array interface or DLPack (no copy), or None."""
     try:
         if hasattr(obj, "__cuda_array_interface__"):
-            return Resolved("cupy", _need_cupy(obj, what).asarray(obj))
+            return Resolved("cupy", _need_cupy(obj, what).asarray(obj), stream_framework(obj))
         if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
             device = obj.__dlpack_device__()[0]
             if device in (_DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED):
-                return Resolved("cupy", _need_cupy(obj, what).from_dlpack(obj))
+                return Resolved("cupy", _need_cupy(obj, what).from_dlpack(obj), stream_framework(obj))
             if device == _DLPACK_CPU:
-                return Resolved("numpy", np.from_dlpack(obj))
+                return Resolved("numpy", np.from_dlpack(obj), stream_framework(obj))
     except (RuntimeError, BufferError, ValueError) as exc:  # (TypeError passes: it is ours already)
         dtype = getattr(obj, "dtype", "?")
         raise TypeError(
             f"{what} ({type_name(obj)} of dtype {dtype}) cannot be viewed without a copy: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; expected float16, "
-            "float32 or float64"
+            "bfloat16, float32 or float64"
         ) from None
-    raise TypeError(
-        f"{what} must be an array (numpy.ndarray, cupy.ndarray or a CUDA array such as a "
-        f"torch CUDA tensor), got {type_name(obj)}"
-    )
+    return None
 
 
 def _check_torch_view(obj: object, what: str) -> None:
@@ -108,8 +131,24 @@ def _check_torch_view(obj: object, what: str) -> None:
                 f"pass t.{fix}() (a copy) instead"
             )
     dtype = str(getattr(obj, "dtype", ""))
-    if dtype.startswith("torch.") and dtype not in ("torch.float16", "torch.float32", "torch.float64"):
-        raise TypeError(f"{what} has dtype {dtype}; expected float16, float32 or float64")
+    if dtype.startswith("torch.") and dtype not in ("torch.float16", "torch.bfloat16", "torch.float32",
+                                                    "torch.float64"):
+        raise TypeError(f"{what} has dtype {dtype.removeprefix('torch.')}; expected float16, bfloat16, float32 or "
+                        "float64")
+
+
+def stream_framework(obj: object) -> str:
+    """Whose current stream a GPU array's producer writes it on: PyTorch's for its tensors
+    (their interface carries no stream), CuPy's for everything else."""
+    return "torch" if type(obj).__module__.split(".")[0] == "torch" else "cupy"
+
+
+def _bfloat16_bits(obj: object) -> Any:
+    """A torch bfloat16 tensor's memory as int16 (no copy), else None. torch is not imported
+    here: a torch tensor can only exist where torch already is."""
+    if str(getattr(obj, "dtype", "")) != "torch.bfloat16" or type(obj).__module__.split(".")[0] != "torch":
+        return None
+    return obj.view(sys.modules["torch"].int16)
 
 
 def _need_cupy(obj: object, what: str) -> Any:
@@ -119,9 +158,11 @@ def _need_cupy(obj: object, what: str) -> Any:
     return cupy
 
 
-def check_dtype(array: Any, what: str) -> None:
-    if np.dtype(array.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"{what} has dtype {array.dtype}; expected float16, float32 or float64")
+def check_dtype(array: Any, what: str, element: Any = None) -> None:
+    """TypeError unless the element type (``element``, else the array's dtype) is supported."""
+    element = np.dtype(array.dtype) if element is None else element
+    if element not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what} has dtype {array.dtype}; expected float16, bfloat16, float32 or float64")
 
 
 def check_pair(x_obj: object, g_obj: object, name: str) -> tuple[Resolved, Resolved]:
@@ -133,8 +174,8 @@ def check_pair(x_obj: object, g_obj: object, name: str) -> tuple[Resolved, Resol
             f"{name} is a {type_name(x_obj)} ({x.backend} backend) but its gradient is a "
             f"{type_name(g_obj)} ({g.backend} backend); both must be on the same backend"
         )
-    check_dtype(x.array, name)
-    check_dtype(g.array, f"gradient of {name}")
+    check_dtype(x.array, name, x.element)
+    check_dtype(g.array, f"gradient of {name}", g.element)
     if tuple(x.array.shape) != tuple(g.array.shape):
         raise ValueError(
             f"{name} has shape {tuple(x.array.shape)} but its gradient has shape "

@@ -164,21 +164,27 @@ def memory_owner(obj: object, array: Any) -> object:
 
 
 class Disjoint:
-    """The byte ranges of a prepared update's parameters (contiguous, and disjoint: the full
-    check passed), for a quick test of new gradient arrays of known sizes: do any meet them?
+    """The bytes of a prepared update's parameters (disjoint: the full check passed), for a
+    quick test of new gradient arrays laid out like the old ones: do any meet a parameter?
     Conservative (bounds only): a True sends the call through the full, exact check."""
 
-    def __init__(self, params: list[Any]):
+    def __init__(self, params: list[Any], grads: list[Any]):
         spans = sorted(bounds for bounds in map(byte_bounds, params) if bounds is not None)
         self.lows = np.array([low for low, _ in spans], dtype=np.int64)
         self.highs = np.array([high for _, high in spans], dtype=np.int64)
+        # Each gradient's bounds as offsets from its pointer: the same for a new array of the
+        # same layout. (An empty one spans nothing.)
+        offsets = [(b[0] - data_pointer(g), b[1] - data_pointer(g)) if (b := byte_bounds(g)) else (0, 0)
+                   for g in grads]
+        self.low_offsets = np.array([o[0] for o in offsets], dtype=np.int64)
+        self.high_offsets = np.array([o[1] for o in offsets], dtype=np.int64)
 
-    def meets(self, grads: list[Any], nbytes: np.ndarray) -> bool:
-        """Whether any of ``grads`` (contiguous, of ``nbytes`` each) meets a parameter."""
+    def meets(self, pointers: list[int]) -> bool:
+        """Whether gradients at ``pointers`` (laid out as the old ones) meet a parameter."""
         if not self.lows.size:
             return False
-        lows = np.fromiter(map(data_pointer, grads), dtype=np.int64, count=len(grads))
-        highs = lows + nbytes
+        start = np.array(pointers, dtype=np.int64)
+        lows, highs = start + self.low_offsets, start + self.high_offsets
         # The last parameter starting before each gradient ends is the only one it can meet.
         before = np.searchsorted(self.lows, highs, side="left") - 1
-        return bool(np.any((before >= 0) & (self.highs[np.maximum(before, 0)] > lows) & (nbytes > 0)))
+        return bool(np.any((before >= 0) & (self.highs[np.maximum(before, 0)] > lows) & (highs > lows)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,9 @@ class Program:
     # host computes them in float64 once per step and passes them after the scalars.
     hoisted: tuple[Node, ...] = ()
     hoisted_index: dict[int, int] = field(default_factory=dict)  # node index -> scalar index
+    # The parameter's new value when a rule keeps a master copy (MixedPrecision): the stored
+    # parameter becomes its rounding. None: the new value is x - result.
+    new_x: Node | None = None
 
     @property
     def scalar_count(self) -> int:
@@ -47,19 +52,32 @@ class Program:
 
     def host_scalars(self, values: list[float]) -> list[float]:
         """``values`` (one per entry of ``scalars``) followed by the hoisted values, in float64."""
-        computed: dict[int, float] = {}
+        steps, hoisted = self._host_program
+        results = list(values)  # the host scalars, then each step's result
+        for op, args in steps:
+            results.append(op(*[results[a] if isinstance(a, int) else a[0] for a in args]))
+        return [*values, *(float(results[a]) if isinstance(a, int) else float(a[0]) for a in hoisted)]
 
-        def value(node: Node) -> float:
+    @functools.cached_property
+    def _host_program(self) -> tuple[list[tuple[Any, tuple]], list[int | tuple]]:
+        """The hoisted values' graph in evaluation order, built once: steps (operation,
+        arguments) and where each hoisted value ends up. An argument is a position in the
+        results (host scalars first, then step results) or a constant in a 1-tuple."""
+        position: dict[int, int] = {}
+        steps: list[tuple[Any, tuple]] = []
+
+        def arg(node: Node) -> int | tuple:
             if node.op == "scalar":
-                return values[node.value]
-            if node.op == "const":
                 return node.value
-            if node.index not in computed:
-                computed[node.index] = _HOST_OPS[node.op](*(value(a) for a in node.args))
-            return computed[node.index]
+            if node.op == "const":
+                return (node.value,)
+            if node.index not in position:
+                args = tuple(arg(a) for a in node.args)
+                steps.append((_HOST_OPS[node.op], args))
+                position[node.index] = len(self.scalars) + len(steps) - 1
+            return position[node.index]
 
-        with np.errstate(all="ignore"):
-            return [*values, *(float(value(node)) for node in self.hoisted)]
+        return steps, [arg(node) for node in self.hoisted]
 
     @property
     def levels(self) -> int:
@@ -153,10 +171,12 @@ def _trace(leaves: tuple[Rule, ...]) -> Program:
                 slots.append(SlotRef(ri, name, pos))
                 initial[first + pos] = graph.make("load", value=first + pos)
         values = dict(initial)
+        seen_x = x  # what the rules see as the parameter: x, or from a master copy on
+        master = None
         for ri, rule in enumerate(leaves):
             first = next((i for i, s in enumerate(slots) if s.rule == ri), len(slots))
             out = rule.step(
-                d, x, _StateView(rule, ri, first, graph, values), _ScalarView(rule, ri, graph, used)
+                d, seen_x, _StateView(rule, ri, first, graph, values), _ScalarView(rule, ri, graph, used)
             )
             if not isinstance(out, Expr):
                 if isinstance(out, bool) or not isinstance(out, (int, float)):
@@ -167,6 +187,15 @@ def _trace(leaves: tuple[Rule, ...]) -> Program:
             if out.node.is_bool:
                 raise TypeError(f"{type(rule).__name__}.step returned a comparison")
             d = out
+            if rule.master_slot is not None:
+                if master is not None:
+                    raise TypeError("a chain can keep only one master copy of the parameter (one MixedPrecision)")
+                master = first + list(rule.state).index(rule.master_slot)
+                seen_x = Expr(values[master])
+        new_x = None
+        if master is not None:  # the chain's step goes to the master copy
+            new_x = (Expr(values[master]) - d).node
+            values[master] = new_x
     stores = tuple((i, node) for i, node in values.items() if node is not initial[i])
     totals = tuple(sorted((n for n in graph.nodes if n.op == "total_value"), key=lambda n: n.value[0]))
     names = " > ".join(type(r).__name__ for r in leaves) or "identity"
@@ -174,7 +203,7 @@ def _trace(leaves: tuple[Rule, ...]) -> Program:
     roots = [d.node] + [node for _, node in stores]
     hoisted = _hoistable(graph, roots)
     index = {node.index: len(scalars) + k for k, node in enumerate(hoisted)}
-    return Program(graph, names, tuple(slots), scalars, stores, d.node, totals, hoisted, index)
+    return Program(graph, names, tuple(slots), scalars, stores, d.node, totals, hoisted, index, new_x)
 
 
 def _host_computable(node: Node) -> bool:
@@ -197,22 +226,44 @@ def _hoistable(graph: Graph, roots: list[Node]) -> tuple[Node, ...]:
 
 # float64 host arithmetic for hoisted values: the same operations as the kernels' (fmax/fmin
 # ignore NaN), evaluated in double precision once per step.
+def _ieee(function: Any, *args: float) -> float:
+    """A NumPy ufunc on floats, quietly: x/0 is inf or nan, sqrt(-1) nan, not an exception."""
+    with np.errstate(all="ignore"):
+        return float(function(*args))
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else _ieee(np.divide, a, b)
+
+
+def _sqrt(a: float) -> float:
+    return math.sqrt(a) if a >= 0 else _ieee(np.sqrt, a)
+
+
+def _fmax(a: float, b: float) -> float:  # a NaN operand is ignored, as fmax does
+    return b if a != a else a if b != b else (a if a >= b else b)
+
+
+def _fmin(a: float, b: float) -> float:
+    return b if a != a else a if b != b else (a if a <= b else b)
+
+
 _HOST_OPS = {
     "add": lambda a, b: a + b,
     "sub": lambda a, b: a - b,
     "mul": lambda a, b: a * b,
-    "div": lambda a, b: float(np.divide(a, b)),  # IEEE: x/0 is inf or nan, not an exception
-    "max": lambda a, b: float(np.fmax(a, b)),
-    "min": lambda a, b: float(np.fmin(a, b)),
+    "div": _div,
+    "max": _fmax,
+    "min": _fmin,
     "neg": lambda a: -a,
-    "sqrt": lambda a: float(np.sqrt(a)),
+    "sqrt": _sqrt,
     "abs": abs,
     "gt": lambda a, b: a > b,
     "ge": lambda a, b: a >= b,
     "lt": lambda a, b: a < b,
     "le": lambda a, b: a <= b,
     "where": lambda c, a, b: a if c else b,
-    "clamp": lambda a, lo, hi: float(np.clip(a, lo, hi)),
+    "clamp": lambda a, lo, hi: _ieee(np.clip, a, lo, hi),
 }
 
 

@@ -39,6 +39,15 @@ from .expr import Expr
 _REQUIRED = object()
 
 
+class _CopyOfParameter:
+    def __repr__(self) -> str:
+        return "COPY_OF_PARAMETER"
+
+
+#: a state slot's initial value meaning: the parameter itself, in compute precision
+COPY_OF_PARAMETER = _CopyOfParameter()
+
+
 # -- hyperparameter checks: each raises ValueError with what was expected ----------------
 
 
@@ -137,14 +146,34 @@ class Hyper:
         obj.__dict__[self.name] = value
 
 
+class StepCount:
+    """A step count, shared by the states of a prepared update whose arrays step together
+    (one increment per rule per step instead of one per array)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int):
+        self.value = value
+
+
 class ParamState:
     """One rule's state for one parameter: its step count and its per-element slots."""
 
-    __slots__ = ("t", "slots")
+    __slots__ = ("count", "slots")
 
     def __init__(self, t: int, slots: Any):
-        self.t = t  # steps taken so far
+        self.count = StepCount(t)
         self.slots = slots  # array of shape (number of slots, parameter size), or None
+
+    @property
+    def t(self) -> int:
+        """Steps taken so far."""
+        return self.count.value
+
+    @t.setter
+    def t(self, value: int) -> None:
+        # A private count again: setting one array's count never moves the arrays it shared with.
+        self.count = StepCount(value)
 
 
 def _memory_of(key: object) -> tuple[object, tuple] | None:
@@ -290,8 +319,13 @@ class IdentityWeakMap:
 class Rule:
     """Base of every optimiser rule; see the module docstring for the form of a rule."""
 
-    #: per-element state slots and their initial values (a number, or a hyperparameter name)
-    state: ClassVar[dict[str, float | str]] = {}
+    #: per-element state slots and their initial values (a number, a hyperparameter name, or
+    #: COPY_OF_PARAMETER)
+    state: ClassVar[dict[str, Any]] = {}
+    #: a state slot holding a master copy of the parameter (MixedPrecision): the rules after
+    #: this one see it as ``x``, the chain's step is subtracted from it, and the stored
+    #: parameter is written as its rounding
+    master_slot: ClassVar[str | None] = None
     #: host-side attributes besides hyperparameters, with initial values (checkpoints keep them)
     host_state: ClassVar[dict[str, Any]] = {}
     _hypers: ClassVar[tuple[Hyper, ...]] = ()
@@ -385,10 +419,15 @@ class Rule:
         return values
 
     def initial_state(self) -> list[float]:
+        """The slots' initial values (0 for a copy of the parameter: see parameter_slots)."""
         return [
-            float(getattr(self, v)) if isinstance(v, str) else float(v)
+            0.0 if v is COPY_OF_PARAMETER else float(getattr(self, v)) if isinstance(v, str) else float(v)
             for v in self.state.values()
         ]
+
+    def parameter_slots(self) -> list[int]:
+        """Rows of the state that start as a copy of the parameter."""
+        return [i for i, v in enumerate(self.state.values()) if v is COPY_OF_PARAMETER]
 
     def leaves(self) -> tuple[Rule, ...]:
         """The plain rules this rule runs, in order (a chain flattens its members)."""

@@ -4,8 +4,9 @@
 // definitions of one rule or chain (gpuopt_param_t, gpuopt_grad_t, gpuopt_state_t,
 // gpuopt_compute_t, GPUOPT_SLOTS, ...), the sizes shared with the host code (GPUOPT_VEC,
 // elements per thread per iteration; GPUOPT_CHUNK; GPUOPT_MAX_THREADS; GPUOPT_TABLE_WIDTH) and
-// its element-wise functions gpuopt_step() and/or gpuopt_terms(), printed from the rule
-// definitions. Nothing here knows any rule's math.
+// its element-wise functions gpuopt_step(), gpuopt_new_param() (x - d, or the new master copy
+// of MixedPrecision) and/or gpuopt_terms(), printed from the rule definitions. Nothing here
+// knows any rule's math.
 
 template <typename T>
 struct alignas(sizeof(T) * GPUOPT_VEC) gpuopt_vec {
@@ -96,7 +97,7 @@ __device__ __forceinline__ void gpuopt_update_group(long long i, long long n, bo
 #pragma unroll
     for (int e = 0; e < GPUOPT_VEC; ++e) {
         const gpuopt_compute_t d = gpuopt_step(grp.x[e], grp.g[e], grp.s[e], h, totals);
-        xs[e] = gpuopt_to_param(GPUOPT_APPLY ? d : grp.x[e] - d);
+        xs[e] = gpuopt_to_param(GPUOPT_APPLY ? d : gpuopt_new_param(grp.x[e], d, grp.s[e]));
     }
 #pragma unroll
     for (int k = 0; k < GPUOPT_SLOTS; ++k) {

@@ -191,6 +191,22 @@ def test_bench_runs_on_numpy_and_writes_json(tiny_run):
         assert heading in out
 
 
+def test_model_compares_gpuopt_torch_optimizer_with_torch_fused_adam(capsys):
+    """Benchmark item: gpuopt.torch.Optimizer's step against torch.optim.Adam(fused=True) on the
+    same (tiny) model's tensors, side by side in one run, in the JSON and the text."""
+    pytest.importorskip("torch")
+    argv = [a for a in TINY if a != "--no-torch"]
+    argv[argv.index("--rules") + 1] = "Descent"
+    argv[argv.index("--sizes") + 1] = "10"
+    report = bench.benchmark(_args([*argv, "--no-baselines"]))
+    variants = report["model"]["variants"]
+    for name in ("torch_fused", "gpuopt_torch"):
+        assert variants[name]["time_s"] > 0, variants[name]
+    ratio = variants["gpuopt_torch"]["ratio_to_torch_fused"]
+    assert ratio == variants["gpuopt_torch"]["time_s"] / variants["torch_fused"]["time_s"]
+    assert "gpuopt.torch.Optimizer" in bench.format_report(report)
+
+
 def test_json_to_a_directory_is_named_by_device_and_date(tiny_run, tmp_path):
     path = bench.write_json(tiny_run[2], str(tmp_path) + "/")
     assert path.startswith(str(tmp_path)) and path.endswith(f"-numpy-float32-{tiny_run[2]['date'][:10]}.json")

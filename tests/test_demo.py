@@ -195,6 +195,33 @@ def test_demo_on_cupy_matches_numpy() -> None:
     assert on_gpu.final_loss == pytest.approx(on_cpu.final_loss, rel=1e-2)
 
 
+def test_demo_with_torch_trains_the_same_mlp(capsys: pytest.CaptureFixture[str]) -> None:
+    """--framework torch: the same weights and batches, autograd and gpuopt.torch.Optimizer,
+    so the run follows the NumPy demo's to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add contention on a busy machine
+    try:
+        steps, final_loss, test_acc = _run_demo(capsys, "--framework", "torch", "--steps", "60",
+                                                "--log-every", "20")
+    finally:
+        torch.set_num_threads(threads)
+    arrays = demo.train(gpuopt.ADAM(0.01), steps=60, backend="numpy", log_every=20, log=lambda line: None)
+    assert [s for s, _, _ in steps] == [0, 20, 40, 60]
+    for (_, loss, acc), (_, their_loss, their_acc) in zip(steps, arrays.history):
+        assert loss == pytest.approx(their_loss, rel=1e-3) and acc == pytest.approx(their_acc, abs=0.01)
+    assert test_acc == pytest.approx(arrays.test_accuracy, abs=0.01)
+
+
+def test_demo_with_torch_says_when_torch_is_missing() -> None:
+    code = ("import sys; sys.modules['torch'] = None\nfrom gpuopt.__main__ import main\n"
+            "sys.exit(main(['demo', '--framework', 'torch', '--steps', '5']))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--framework torch needs PyTorch (pip install torch)" in proc.stderr
+
+
 def test_python_dash_m_demo() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "gpuopt", "demo", "--steps", "50"], cwd=ROOT, env=env,

@@ -263,3 +263,202 @@ def test_kernels_under_compute_sanitizer(tool, cases):
     report = (result.stdout + result.stderr)[-4000:]
     assert result.returncode == 0, report
     assert result.stdout.count("matches") == len(cases), report
+
+
+# -- training loops: new gradients, strided arrays, streams, devices, graph capture ----------
+
+
+def _numpy_reference(factory, host_params, host_grads_per_step):
+    params = [h.copy() for h in host_params]
+    opt = factory()
+    for grads in host_grads_per_step:
+        gpuopt.update(opt, params, grads)
+    return params
+
+
+def test_new_cupy_gradients_every_step_take_the_prepared_path():
+    import cupy
+
+    from gpuopt.prepared import PATHS
+
+    rng = np.random.default_rng(5)
+    host = [rng.standard_normal(n).astype(np.float32) for n in (1000, 7, 70001)]
+    steps = [[rng.standard_normal(h.shape).astype(np.float32) for h in host] for _ in range(6)]
+    params = [cupy.asarray(h) for h in host]
+    opt = CHAINS["ClipNorm+ADAM"]()
+    before = dict(PATHS)
+    for grads in steps:
+        gpuopt.update(opt, params, [cupy.asarray(g) for g in grads])  # new arrays every step
+    assert PATHS["prepared"] - before.get("prepared", 0) == 5
+    for a, b in zip(params, _numpy_reference(CHAINS["ClipNorm+ADAM"], host, steps)):
+        np.testing.assert_allclose(a.get(), b, rtol=1e-5, atol=1e-7)
+
+
+def _malloc_counter():
+    """A CuPy memory hook counting allocations from the memory pool while it is active."""
+    import cupy
+
+    class MallocCounter(cupy.cuda.MemoryHook):
+        name = "gpuopt_malloc_counter"
+
+        def __init__(self):
+            self.mallocs = 0
+
+        def malloc_preprocess(self, **kwargs):
+            self.mallocs += 1
+
+    return MallocCounter()
+
+
+def test_strided_parameters_updated_in_place_without_allocation():
+    import cupy
+
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((300, 200)).astype(np.float32)
+    x = cupy.asarray(base).T  # (200, 300), not contiguous
+    host_x = base.T.copy()
+    opt, ref = RULES["ADAM"](), RULES["ADAM"]()
+    grads = [rng.standard_normal((200, 300)).astype(np.float32) for _ in range(5)]
+    device_grads = [cupy.asarray(g)[:, ::1] for g in grads]
+    gpuopt.update(opt, x, device_grads[0])  # first step: state, compile
+    pointer = x.data.ptr
+    counter = _malloc_counter()
+    with counter, gpuopt.count_launches() as launches:
+        for g in device_grads[1:]:
+            gpuopt.update(opt, x, g)
+    assert counter.mallocs == 0  # no contiguous copy, no scratch
+    assert launches.names == ["gpuopt_strided"] * 4
+    assert x.data.ptr == pointer and not x.flags.c_contiguous
+    for g in grads:
+        gpuopt.update(ref, host_x, g)
+    np.testing.assert_allclose(x.get(), host_x, rtol=1e-5, atol=1e-7)
+
+
+def test_prepared_collection_update_allocates_nothing_per_step():
+    import cupy
+
+    params = [cupy.ones(n, cupy.float32) for n in (1000, 70001, 5)]
+    opt = RULES["ADAM"]()
+    gpuopt.update(opt, params, [cupy.full(p.shape, 0.5, cupy.float32) for p in params])
+    grads = [[cupy.full(p.shape, 0.25, cupy.float32) for p in params] for _ in range(3)]
+    counter = _malloc_counter()
+    with counter:
+        for g in grads:  # new gradient arrays: only the table's gradient column is uploaded
+            gpuopt.update(opt, params, g)
+    assert counter.mallocs == 0
+
+
+def test_cupy_non_blocking_stream_orders_the_update_after_the_gradients():
+    import cupy
+
+    rng = np.random.default_rng(7)
+    n = 1 << 22
+    host_x = rng.standard_normal(n).astype(np.float32)
+    x = cupy.asarray(host_x)
+    big = cupy.asarray(rng.standard_normal((2048, 2048)).astype(np.float32))
+    opt = RULES["ADAM"]()
+    cupy.cuda.Device().synchronize()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for _ in range(4):
+            slow = big @ big  # keeps the stream busy before the gradient is written
+            g = cupy.full(n, 0.5, cupy.float32) + 0 * slow[0, 0]
+            gpuopt.update(opt, [x], [g])
+    stream.synchronize()
+    ref = [host_x.copy()]
+    reference = RULES["ADAM"]()
+    for _ in range(4):
+        gpuopt.update(reference, ref, [np.full(n, 0.5, np.float32)])
+    np.testing.assert_allclose(x.get(), ref[0], rtol=1e-5, atol=1e-7)
+
+
+def test_torch_side_stream_backward_then_update_in_order():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(1 << 20, device="cuda")) for _ in range(3)]
+    start = [p.detach().cpu().numpy().copy() for p in params]
+    weights = [torch.randn(1 << 20, device="cuda") for _ in range(3)]
+    opt = RULES["ADAM"]()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    host_grads = []
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for p in params:
+                p.grad = None  # new gradient tensors every step, as zero_grad(set_to_none=True)
+            torch.cuda._sleep(50_000_000)  # the backward pass is late on purpose
+            sum((p * w).sum() for p, w in zip(params, weights)).backward()
+            gpuopt.update(opt, params, [p.grad for p in params])
+            host_grads.append([p.grad.detach().cpu().numpy() for p in params])  # (ordered on side)
+    torch.cuda.synchronize()
+    expected = _numpy_reference(RULES["ADAM"], start, host_grads)
+    for p, e in zip(params, expected):
+        np.testing.assert_allclose(p.detach().cpu().numpy(), e, rtol=1e-5, atol=1e-7)
+
+
+def test_update_during_cupy_graph_capture_is_an_error():
+    import cupy
+
+    x, g = cupy.ones(1000, cupy.float32), cupy.ones(1000, cupy.float32)
+    opt = RULES["ADAM"]()
+    gpuopt.update(opt, [x], [g])
+    before = x.copy()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            for params, grads in (([x], [g]), (x, g)):  # prepared and full path
+                with pytest.raises(gpuopt.GraphCaptureError, match="CUDA graph"):
+                    gpuopt.update(opt, params, grads)
+        finally:
+            stream.end_capture()
+    assert opt.state_for(x).t == 1 and bool(cupy.array_equal(x, before))
+
+
+def test_update_during_torch_graph_capture_is_an_error():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    params = [torch.nn.Parameter(torch.ones(1000, device="cuda"))]
+    grads = [torch.ones(1000, device="cuda")]
+    opt = RULES["ADAM"]()
+    gpuopt.update(opt, params, grads)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(gpuopt.GraphCaptureError):
+        with torch.cuda.graph(graph):
+            gpuopt.update(opt, params, grads)
+    assert opt.state_for(params[0]).t == 1
+
+
+def test_state_and_launches_on_the_parameters_device():
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    rng = np.random.default_rng(8)
+    host = [rng.standard_normal(n).astype(np.float32) for n in (1000, 70001)]
+    steps = [[rng.standard_normal(h.shape).astype(np.float32) for h in host] for _ in range(3)]
+    with cupy.cuda.Device(1):
+        params = [cupy.asarray(h) for h in host]
+    opt = RULES["ADAM"]()
+    with cupy.cuda.Device(0):
+        for grads in steps:
+            with cupy.cuda.Device(1):
+                device_grads = [cupy.asarray(g) for g in grads]
+            gpuopt.update(opt, params, device_grads)
+        assert cupy.cuda.runtime.getDevice() == 0
+    assert all(opt.state_for(p).slots.device.id == 1 for p in params)
+    for a, b in zip(params, _numpy_reference(RULES["ADAM"], host, steps)):
+        np.testing.assert_allclose(a.get(), b, rtol=1e-5, atol=1e-7)
+
+
+def test_host_benchmark_with_real_launches():
+    from gpuopt.bench.host import host_benchmark
+
+    report = host_benchmark(calls=5, layers=1, width=64, many=20, launches=True)
+    assert report["device"]["backend"] == "host-cupy"
+    for name in ("ADAM/same", "ADAM/new", "ADAM/new/20", "ClipNorm+ADAM/new"):
+        assert report["cases"][name]["prepared_calls"] == 5, name
+    assert all("host" in t["id"] for t in report["targets"])

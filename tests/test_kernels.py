@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import gpuopt
+from gpuopt import dtypes
 from gpuopt.backends import nvrtc
 from gpuopt.backends.cuda_source import module_source
 from gpuopt.backends.kernel_backend import CHUNK
@@ -23,7 +24,7 @@ from .conftest import missing as _missing
 from .emulation import device as emulation
 from .test_rules import CLIPNORM_OVERFLOW, clipnorm_overflow_check
 
-DTYPES = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)]
+DTYPES = [np.dtype(np.float16), dtypes.BFLOAT16, np.dtype(np.float32), np.dtype(np.float64)]
 
 
 # -- NVRTC ------------------------------------------------------------------------------------
@@ -38,12 +39,12 @@ def _nvrtc():
         _missing("the CUDA headers (cuda_fp16.h) were not found")
 
 
-def nvrtc_compile(source: str, arch: int, binary: bool = True) -> bytes:
-    """Compile exactly as the CuPy backend does (gpuopt.backends.nvrtc); returns the cubin
-    (or PTX) or raises with the log."""
+def nvrtc_compile(source: str, arch: int, binary: bool = True, by_cupy: bool = False) -> bytes:
+    """Compile exactly as the CuPy backend does (gpuopt.backends.nvrtc; ``by_cupy``: as CuPy
+    compiles the strided path's ElementwiseKernel); returns the cubin (or PTX) or raises."""
     _nvrtc()
     try:
-        return nvrtc.compile_module(source, arch, binary)
+        return nvrtc.compile_module(source, arch, binary, by_cupy=by_cupy)
     except nvrtc.NvrtcError as error:
         raise AssertionError(f"NVRTC sm_{arch}: {error}") from None
 
@@ -56,6 +57,7 @@ def _compile_cases() -> dict[str, gpuopt.Rule]:
         )
     # Two reduction passes, and nesting (the other chains add nothing NVRTC has not seen).
     cases.update({f"chain {name}": CHAINS[name] for name in ("ClipNorm+ClipNorm+Descent", "nested")})
+    cases["MixedPrecision of ClipNorm+ADAM"] = lambda: gpuopt.MixedPrecision(CHAINS["ClipNorm+ADAM"]())
     return cases
 
 
@@ -70,7 +72,7 @@ def nvrtc_results():
     for name, factory in COMPILE_CASES.items():
         for dtype in DTYPES:
             source = module_source(plan(factory()), dtype, dtype, False)
-            jobs += [((name, dtype.name, arch), source, arch) for arch in (80, 90)]
+            jobs += [((name, dtypes.name(dtype), arch), source, arch) for arch in (80, 90)]
 
     def run(job):
         key, source, arch = job
@@ -83,7 +85,7 @@ def nvrtc_results():
         return {key: (size, error) for key, size, error in pool.map(run, jobs)}
 
 
-@pytest.mark.parametrize("dtype", [d.name for d in DTYPES])
+@pytest.mark.parametrize("dtype", [dtypes.name(d) for d in DTYPES])
 @pytest.mark.parametrize("case", list(COMPILE_CASES))
 def test_nvrtc_compiles_every_module(nvrtc_results, case, dtype):
     for arch in (80, 90):
@@ -92,11 +94,12 @@ def test_nvrtc_compiles_every_module(nvrtc_results, case, dtype):
         assert size > 1000  # a real cubin, not an empty module
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_nvrtc_compiles_apply_modules_and_mixed_dtypes(dtype):
     opt = CHAINS["ClipNorm+ADAM"]()
     nvrtc_compile(gpuopt.kernel_source(opt, dtype, apply=True), 90)
     nvrtc_compile(gpuopt.kernel_source(opt, dtype, "float16" if dtype != "float16" else "float32"), 80)
+    nvrtc_compile(gpuopt.kernel_source(opt, dtype, "bfloat16" if dtype != "bfloat16" else "float32"), 80)
 
 
 def test_module_holds_every_kernel_the_update_runs():
@@ -106,6 +109,11 @@ def test_module_holds_every_kernel_the_update_runs():
         assert f"void {name}(" in plain and f"void {name}(" in clipped
     assert "#define GPUOPT_HAS_TERMS" in clipped and "#define GPUOPT_HAS_TERMS" not in plain
     assert "#include <cuda_fp16.h>" in gpuopt.kernel_source(gpuopt.ADAM(), "float16")
+    bf16 = gpuopt.kernel_source(gpuopt.ADAM(), "bfloat16")
+    assert "#include <cuda_bf16.h>" in bf16 and "typedef __nv_bfloat16 gpuopt_param_t;" in bf16
+    assert "typedef float gpuopt_state_t;" in bf16 and "__float2bfloat16_rn(v)" in bf16
+    assert "return x - d;" in plain  # the parameter's new value; a master copy's otherwise
+    assert "return x - d;" not in gpuopt.kernel_source(gpuopt.MixedPrecision(gpuopt.ADAM()), "bfloat16")
 
 
 def test_source_depends_on_structure_and_dtype_only():
@@ -174,6 +182,42 @@ def test_cuda_text_on_cpu_matches_numpy(case, dtype, on_kernels):
                                            err_msg=f"{case} step {step + 1} array {i}")
         for x, y in zip(kernel_state, numpy_state):
             np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * 1e-3, err_msg=f"{case} state")
+
+
+def _torch_bfloat16_trajectory(factory, use_kernels, on_kernels, steps=8):
+    """bfloat16 parameters and gradients (PyTorch CPU tensors: their uint16 views reach the
+    backend) stepped through the kernels or NumPy; returns the parameters and state."""
+    torch = pytest.importorskip("torch")
+    on_kernels(use_kernels)
+    opt = factory()
+    generator = torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=generator).to(torch.bfloat16) for n in (1001, 7, 70001)]
+    for _ in range(steps):
+        grads = [(2 * torch.randn(p.shape, generator=generator)).to(torch.bfloat16) for p in params]
+        gpuopt.update(opt, params, grads)
+        gpuopt.update(opt, params[1], grads[1])  # one array alone: the single-array kernel
+    states = [leaf.state_for(p).slots for leaf in opt.leaves() for p in params if leaf.state]
+    return params, states
+
+
+BFLOAT16_CASES = {
+    "ADAM": RULES["ADAM"],
+    "ClipNorm+ADAM": CHAINS["ClipNorm+ADAM"],
+    "MixedPrecision of ClipValue+WeightDecay+ADAM": lambda: gpuopt.MixedPrecision(
+        CHAINS["ClipValue+WeightDecay+ADAM"]()),
+}
+
+
+@pytest.mark.parametrize("case", list(BFLOAT16_CASES))
+def test_bfloat16_storage_on_cpu_matches_numpy(case, on_kernels):
+    """The printed __nv_bfloat16 module (the stand-in header rounds as cuda_bf16.h does) and
+    the NumPy executor's rounding give the same bits."""
+    kernels, ks = _torch_bfloat16_trajectory(BFLOAT16_CASES[case], True, on_kernels)
+    numpy, ns = _torch_bfloat16_trajectory(BFLOAT16_CASES[case], False, on_kernels)
+    for a, b in zip(kernels, numpy):
+        assert a.dtype == b.dtype and a.equal(b)
+    for a, b in zip(ks, ns):
+        assert a.dtype == np.float32 and np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("case", ["ADAM", "ClipNorm+ADAM", "AMSGrad", "SignMomentum"])
@@ -466,18 +510,23 @@ def test_state_rows_start_aligned_for_any_size(emulated_backend):
         np.testing.assert_array_equal(state[:, -1], [0.0, 1.0, 2.0])
 
 
-def test_prepared_update_dropped_when_a_gradient_dies(on_kernels):
+def test_prepared_update_outlives_its_gradients(on_kernels):
+    """A loop's gradients die every step: the record stays, and the next ones are checked
+    and read by address, whatever ids they get."""
     import gc
 
     on_kernels(True)
-    opt = gpuopt.Momentum()
+    opt = gpuopt.Momentum(0.5, 0.0)
     params = [np.ones(10, np.float32), np.ones(20, np.float32)]
     grads = [np.ones(10, np.float32), np.ones(20, np.float32)]
     gpuopt.update(opt, params, grads)
     assert "_prepared" in vars(opt)
     del grads
     gc.collect()
-    assert "_prepared" not in vars(opt)  # its gradient ids could now be reused by new arrays
+    assert "_prepared" in vars(opt)
+    gpuopt.update(opt, params, [np.full(10, 2.0, np.float32), np.full(20, 4.0, np.float32)])
+    np.testing.assert_array_equal(params[0], 1 - 0.5 - 1.0)
+    np.testing.assert_array_equal(params[1], 1 - 0.5 - 2.0)
 
 
 # -- the options a GPU compiles with ----------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import gpuopt
 import gpuopt.plan
 from gpuopt.backends.kernel_backend import KernelBackend
+from gpuopt.backends.protocol import Job
 
 THREADS = 4
 STEPS = 8
@@ -188,12 +189,9 @@ class CheckingDevice:
         return array.ctypes.data
 
 
-class TableJob:
-    def __init__(self, n: int, scalars: int):
-        self.x, self.g = np.zeros(n, np.float32), np.zeros(n, np.float32)
-        self.slots = [np.zeros(n, np.float32), np.zeros(n, np.float32)]
-        self.scalars = [0.0] * scalars
-        self.out = None
+def table_job(n: int, scalars: int) -> Job:
+    return Job(None, np.zeros(n, np.float32), np.zeros(n, np.float32),
+               [np.zeros(n, np.float32), np.zeros(n, np.float32)], [0.0] * scalars)
 
 
 def test_kernel_backend_tables_from_threads():
@@ -206,7 +204,7 @@ def test_kernel_backend_tables_from_threads():
 
     def work(i: int) -> None:
         for step in range(calls):
-            jobs = [TableJob(100 + i, program.scalar_count), TableJob(300 + step, program.scalar_count)]
+            jobs = [table_job(100 + i, program.scalar_count), table_job(300 + step, program.scalar_count)]
             device.expected.x = [job.x.ctypes.data for job in jobs]
             backend.run(program, jobs, apply=False)
 

@@ -9,7 +9,8 @@ depends only on the chain's structure and dtypes.
 
 The kernels are raw CUDA rather than ``cupy.ElementwiseKernel`` so that the module is the
 whole text NVRTC compiles: :func:`kernel_source` returns it as is, and the tests compile that
-very text for the CPU. (ElementwiseKernel would wrap the step in CuPy's private templates.)
+very text for the CPU. Non-contiguous arrays go through a ``cupy.ElementwiseKernel`` built
+around the same preamble and step function instead (:mod:`.strided`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import dtypes
 from ..expr import Node
 from ..plan import Program
 from .numpy_backend import compute_dtype
@@ -36,7 +38,15 @@ CHUNK = 65536  # elements per chunk of the multi-tensor kernels; a multiple of V
 MAX_THREADS = 256  # threads per block the block reduction's shared memory is sized for
 TABLE_COLUMNS = 4  # a tensor's row in the multi-tensor table: x, g, out, n, then its state slots
 
-_C_TYPES = {np.dtype(np.float16): "__half", np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_C_TYPES = {
+    np.dtype(np.float16): "__half",
+    dtypes.BFLOAT16: "__nv_bfloat16",
+    np.dtype(np.float32): "float",
+    np.dtype(np.float64): "double",
+}
+# storage types read and written through float conversions (round to nearest even)
+_TO_FLOAT = {np.dtype(np.float16): "__half2float", dtypes.BFLOAT16: "__bfloat162float"}
+_FROM_FLOAT = {np.dtype(np.float16): "__float2half_rn", dtypes.BFLOAT16: "__float2bfloat16_rn"}
 _BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _FUNCTIONS = {  # (float, double) spellings, so nothing silently goes through double
     "sqrt": ("sqrtf", "sqrt"),
@@ -129,6 +139,14 @@ def _step_function(program: Program, double: bool) -> list[str]:
     lines += _statements(program, roots, double)
     lines += [f"    s[{slot}] = v{node.index};" for slot, node in program.stores]
     lines += [f"    return v{program.result.index};", "}"]
+    # The parameter's new value, from x, d and the new state: x - d, or the master copy.
+    new_x = "x - d" if program.new_x is None else f"s[{next(i for i, n in program.stores if n is program.new_x)}]"
+    lines += [
+        "__device__ __forceinline__ gpuopt_compute_t gpuopt_new_param(",
+        "    const gpuopt_compute_t x, const gpuopt_compute_t d, const gpuopt_compute_t (&s)[GPUOPT_SLOTS_ALLOC]) {",
+        f"    return {new_x};",
+        "}",
+    ]
     return lines
 
 
@@ -166,11 +184,11 @@ def _terms_functions(program: Program, double: bool) -> list[str]:
 
 def _conversions(param: np.dtype, grad: np.dtype) -> list[str]:
     def load(dtype: np.dtype, name: str) -> str:
-        value = "__half2float(v)" if dtype == np.float16 else "v"
+        value = f"{_TO_FLOAT[dtype]}(v)" if dtype in _TO_FLOAT else "v"
         return (f"__device__ __forceinline__ gpuopt_compute_t gpuopt_from_{name}(const gpuopt_{name}_t v) "
                 f"{{ return gpuopt_compute_t({value}); }}")
 
-    to_param = "__float2half_rn(v)" if param == np.float16 else "gpuopt_param_t(v)"
+    to_param = f"{_FROM_FLOAT[param]}(v)" if param in _FROM_FLOAT else "gpuopt_param_t(v)"
     return [
         load(param, "param"),
         load(grad, "grad"),
@@ -184,7 +202,7 @@ def _preamble(program: Program, param: np.dtype, grad: np.dtype, apply: bool) ->
     nslots, nscalars = len(program.slots), program.scalar_count
     lines = [
         f"// gpuopt fused kernels for: {program.description}",
-        f"// x stored as {param}, g as {grad}; state and arithmetic in {ct}"
+        f"// x stored as {dtypes.name(param)}, g as {dtypes.name(grad)}; state and arithmetic in {ct}"
         + ("; this module applies (out = d)" if apply else "; this module updates (x -= d)"),
     ]
     lines += [f"//   s[{i}] = {program.description.split(' > ')[ref.rule]}.{ref.name}"
@@ -195,6 +213,8 @@ def _preamble(program: Program, param: np.dtype, grad: np.dtype, apply: bool) ->
               for node in program.hoisted]
     if np.dtype(np.float16) in (param, grad):
         lines.append("#include <cuda_fp16.h>")
+    if dtypes.BFLOAT16 in (param, grad):
+        lines.append("#include <cuda_bf16.h>")
     lines += [
         f"typedef {_C_TYPES[param]} gpuopt_param_t;",
         f"typedef {_C_TYPES[grad]} gpuopt_grad_t;",
@@ -232,14 +252,20 @@ def module_source(program: Program, param: np.dtype, grad: np.dtype, apply: bool
     return "\n".join(parts)
 
 
-def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, apply: bool = False) -> str:
+def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, apply: bool = False,
+                  strided: bool = False) -> str:
     """The complete CUDA source of the kernels ``update(opt, x, dx)`` runs for arrays of
-    ``dtype`` (gradients of ``grad_dtype``, default the same), exactly as NVRTC compiles it.
+    ``dtype`` (gradients of ``grad_dtype``, default the same; ``"bfloat16"`` is accepted),
+    exactly as NVRTC compiles it.
 
     One module holds them all: ``gpuopt_elementwise`` (one array, one launch),
     ``gpuopt_multi_tensor`` (many arrays in one launch) and, for chains with a reduction such
     as ClipNorm, ``gpuopt_multi_reduce``. Compile it with NVRTC and the options of
     ``gpuopt.backends.nvrtc.nvrtc_options(arch)`` to read, profile or reuse it.
+
+    ``strided=True`` gives instead the ``cupy.ElementwiseKernel`` that updates non-contiguous
+    arrays in place (chains without a reduction): its preamble and operation, wrapped in a
+    kernel that binds them as CuPy does (:func:`gpuopt.backends.strided.strided_source`).
     """
     from ..dispatch import SUPPORTED_DTYPES
     from ..plan import plan
@@ -247,9 +273,13 @@ def kernel_source(opt: Any, dtype: Any = "float32", grad_dtype: Any = None, *, a
 
     if not isinstance(opt, Rule):
         raise TypeError(f"opt must be a gpuopt rule or Optimiser, got {type(opt).__name__}")
-    param = np.dtype(dtype)
-    grad = np.dtype(grad_dtype) if grad_dtype is not None else param
+    param = dtypes.as_element_type(dtype)
+    grad = dtypes.as_element_type(grad_dtype) if grad_dtype is not None else param
     for d in (param, grad):
         if d not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype {d} is not supported; expected float16, float32 or float64")
+            raise TypeError(f"dtype {d} is not supported; expected float16, bfloat16, float32 or float64")
+    if strided:
+        from .strided import strided_source
+
+        return strided_source(plan(opt), param, grad, apply)
     return module_source(plan(opt), param, grad, apply)

@@ -8,19 +8,24 @@ modules are also kept in the per-user cache, so a new process loads rather than 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from operator import attrgetter
 from typing import Any
 
 from .kernel_backend import MAX_BLOCKS, THREADS_PER_BLOCK, KernelBackend
-from .nvrtc import cached_module_file, target_arch
+from .nvrtc import cached_module_file, elementwise_options, target_arch
+from .strided import StridedKernel
 
 _COMPILING = threading.Lock()
 
 
 class CupyDevice:
-    """Kernels launched on the current CUDA device with CuPy."""
+    """Kernels launched with CuPy, on the GPU that holds the arrays and the caller's stream:
+    CuPy's current stream for CuPy arrays, PyTorch's current stream for torch tensors."""
 
     threads = THREADS_PER_BLOCK
     max_blocks = MAX_BLOCKS
@@ -53,9 +58,57 @@ class CupyDevice:
         function = self._function(source, name, self.xp.cuda.runtime.getDevice())
         return lambda blocks, threads, args: function((blocks,), (threads,), tuple(args))
 
+    pointer = staticmethod(attrgetter("data.ptr"))
+
+    @functools.cache  # noqa: B019 - one device object lives for the process
+    def elementwise(self, kernel: StridedKernel) -> Callable[..., None]:
+        # Compiled by CuPy, with the raw kernels' options but flush-to-zero (CuPy forces it).
+        return self.xp.ElementwiseKernel(kernel.in_params, kernel.out_params, kernel.operation, kernel.name,
+                                         preamble=kernel.preamble, options=elementwise_options(), no_return=True)
+
+    # -- placement (kernel_backend.Placement) ---------------------------------------------
+
+    device_of = staticmethod(attrgetter("data.device_id"))
+
+    def caller_stream(self, framework: str, device: int) -> Any:
+        if framework == "torch":
+            # torch is imported: one of its tensors is being updated.
+            return self._wrapped(sys.modules["torch"].cuda.current_stream(device))
+        return self.xp.cuda.get_current_stream(device)
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - torch streams compare by handle: a handful
+    def _wrapped(self, torch_stream: Any) -> Any:
+        return self.xp.cuda.Stream.from_external(torch_stream)
+
     @staticmethod
-    def pointer(array: Any) -> int:
-        return array.data.ptr
+    def is_capturing(stream: Any) -> bool:
+        return bool(stream.is_capturing())
+
+    def scope(self, device: int, stream: Any) -> contextlib.AbstractContextManager[Any]:
+        cuda = self.xp.cuda
+        same_device = cuda.runtime.getDevice() == device
+        if same_device and (stream is None or stream.ptr == cuda.get_current_stream().ptr):
+            return contextlib.nullcontext()  # (the common case, on every call: kept cheap)
+        return self._switch(device, stream, same_device)
+
+    @contextlib.contextmanager
+    def _switch(self, device: int, stream: Any, same_device: bool) -> Iterator[None]:
+        cuda = self.xp.cuda
+        with contextlib.ExitStack() as stack:
+            if not same_device:
+                stack.enter_context(cuda.Device(device))
+            if stream is not None:
+                stack.enter_context(stream)
+            yield
+
+    def follow(self, earlier: Any, stream: Any) -> None:
+        stream.wait_event(earlier.record())
+
+    @staticmethod
+    def upload(target: Any, host: Any) -> None:
+        # An asynchronous copy on the current stream; the driver stages pageable memory
+        # before returning, so the host buffer may change right after.
+        target.data.copy_from_host_async(host.ctypes.data, host.nbytes)
 
 
 @functools.cache

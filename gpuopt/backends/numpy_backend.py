@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import dtypes
 from ..expr import Node
 from ..plan import Program
 
@@ -42,7 +43,7 @@ _UFUNCS: dict[str, Callable[..., Any]] = {
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """float16 is stored as float16 but computed (and its state kept) in float32."""
+    """float16 and bfloat16 are stored as such but computed (and their state kept) in float32."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
@@ -89,6 +90,7 @@ class _Pass:
     def __init__(self, program: Program, roots: list[Node], ct: np.dtype, param_dtype: np.dtype,
                  grad_dtype: np.dtype, stores: Sequence[tuple[int, Node]] = ()):
         self.nodes = program.needed(roots)
+        self.param_dtype, self.grad_dtype = param_dtype, grad_dtype
         varying = [n for n in self.nodes if not n.uniform]
         position = {n.index: pos for pos, n in enumerate(varying)}
         last_use: dict[int, int] = {}
@@ -153,6 +155,8 @@ class _Pass:
                 what(*[vals[a] for a in args], out=out)
             elif kind == _WHERE:
                 _where(vals[args[0]], vals[args[1]], vals[args[2]], out)
+            elif (self.param_dtype if what == "x" else self.grad_dtype) == dtypes.BFLOAT16:
+                dtypes.widen(x if what == "x" else g, out)
             else:
                 np.copyto(out, x if what == "x" else g)
             vals[index] = out
@@ -173,7 +177,7 @@ class NumpyExecutor:
             for level in range(1, program.levels + 1)
         ]
         final_roots = [program.result] + [node for _, node in program.stores]
-        if not apply:  # x - d needs x, converted to compute precision if stored as float16
+        if not apply and program.new_x is None:  # x - d needs x, in compute precision
             final_roots.append(next(n for n in program.graph.nodes if n.op == "x"))
         self.final_pass = _Pass(program, final_roots, self.ct, self.param_dtype, self.grad_dtype,
                                 program.stores)
@@ -255,13 +259,23 @@ class NumpyExecutor:
                 for slot, value in staged:
                     np.copyto(sb[slot], value)
                 if self.apply:
-                    np.copyto(out[start:stop], vals[result], casting="same_kind")
+                    self._store(scratch, out[start:stop], vals[result])
+                elif program.new_x is not None:  # the rounding of the master copy
+                    self._store(scratch, xb, vals[program.new_x.index])
                 elif self.param_dtype == self.ct:
                     np.subtract(xb, vals[result], out=xb)
                 else:
                     x_new = scratch.x_new[: stop - start]
                     np.subtract(vals[self._x_index], vals[result], out=x_new)
-                    np.copyto(xb, x_new, casting="same_kind")
+                    self._store(scratch, xb, x_new)
+
+    def _store(self, scratch: _Scratch, target: np.ndarray, values: np.ndarray) -> None:
+        """Compute-precision ``values`` into parameter storage, rounded to nearest (even)."""
+        if self.param_dtype == dtypes.BFLOAT16:
+            n = target.shape[0]
+            dtypes.narrow(values, target, scratch.bits[:n], scratch.nan[:n])
+        else:
+            np.copyto(target, values, casting="same_kind")
 
 
 class _Scratch:
@@ -276,6 +290,10 @@ class _Scratch:
         # would allocate a casting buffer on every call
         self.wide = np.empty(BLOCK, np.float64) if ct != np.float64 and ex.program.totals else None
         self.swaps = [np.empty(BLOCK, ct) if swap else None for _, _, swap in ex.final_pass.copies]
+        # bfloat16 results are rounded through these (nothing allocated per step)
+        narrowing = ex.param_dtype == dtypes.BFLOAT16
+        self.bits = np.empty(BLOCK, np.uint32) if narrowing else None
+        self.nan = np.empty(BLOCK, bool) if narrowing else None
         self.vals: list[Any] = [None] * len(ex.program.graph.nodes)
         self.no_vals: list[Any] = [None] * len(ex.program.graph.nodes)
 
@@ -293,15 +311,27 @@ class NumpyBackend:
     name = "numpy"
 
     @staticmethod
-    def full_state(initial: Sequence[float], size: int, dtype: np.dtype) -> np.ndarray:
+    def full_state(initial: Sequence[float], size: int, dtype: np.dtype, like: Any = None) -> np.ndarray:
         state = np.empty((len(initial), size), dtype=dtype)
         for row, value in zip(state, initial):
             row.fill(value)
         return state
 
     @staticmethod
+    def state_from(values: np.ndarray, dtype: np.dtype, like: Any) -> np.ndarray:
+        return np.array(values, dtype=dtype, order="C")
+
+    @staticmethod
     def empty_like(x: np.ndarray) -> np.ndarray:
         return np.empty(x.shape, dtype=x.dtype)
+
+    @staticmethod
+    def check_launchable(arrays: Sequence[Any], framework: str) -> None:
+        pass  # NumPy runs now, on the calling thread
+
+    @staticmethod
+    def prepare(program: Program, jobs: Sequence[Any]) -> None:
+        return None  # NumPy has no tables or launches worth keeping
 
     @staticmethod
     def run(program: Program, jobs: Sequence[Any], apply: bool) -> None:
@@ -314,7 +344,7 @@ class NumpyBackend:
             flat_x = (x if contiguous else np.ascontiguousarray(x)).reshape(-1)
             flat_g = np.ascontiguousarray(g).reshape(-1)
             out = job.out.reshape(-1) if apply else None
-            ex = executor(program, x.dtype, g.dtype, apply)
+            ex = executor(program, job.x_type, job.g_type, apply)
             ex.scratch()
             staged.append((job, ex, flat_x, flat_g, out, contiguous))
         for job, ex, flat_x, flat_g, out, contiguous in staged:

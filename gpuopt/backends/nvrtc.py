@@ -41,11 +41,28 @@ def cuda_include_options() -> tuple[str, ...]:
     return (f"-I{include}",) if include else ()
 
 
-def nvrtc_options(arch: int, binary: bool = True) -> tuple[str, ...]:
+#: What CuPy's own compile appends to every program (after the caller's options, so it wins).
+CUPY_APPENDED = ("-ftz=true",)
+
+
+def nvrtc_options(arch: int, binary: bool = True, by_cupy: bool = False) -> tuple[str, ...]:
     """Every option a module is compiled with, for ``sm_<arch>`` (a cubin) or, with
-    ``binary=False``, ``compute_<arch>`` (PTX, which the driver compiles on load)."""
+    ``binary=False``, ``compute_<arch>`` (PTX, which the driver compiles on load).
+
+    ``by_cupy``: the options a module compiled by CuPy itself ends up with (the strided path's
+    ``cupy.ElementwiseKernel``): :func:`elementwise_options`, then what CuPy appends. That
+    path flushes float32 subnormals to zero; every other kernel keeps them.
+    """
     target = f"-arch=sm_{arch}" if binary else f"-arch=compute_{arch}"
+    if by_cupy:
+        return (target, *elementwise_options(), *CUPY_APPENDED)
     return (target, *LANGUAGE_OPTIONS, *cuda_include_options())
+
+
+def elementwise_options() -> tuple[str, ...]:
+    """What gpuopt gives ``cupy.ElementwiseKernel``: the language options but ``-ftz``, which
+    CuPy sets itself (to true) after them."""
+    return (*(o for o in LANGUAGE_OPTIONS if not o.startswith("-ftz")), *cuda_include_options())
 
 
 class _CudaBindings:
@@ -135,9 +152,10 @@ def target_arch(device_arch: int, prefer_cupy: bool = False) -> tuple[int, bool]
     return max([a for a in supported if a <= device_arch] or [min(supported)]), False
 
 
-def compile_module(source: str, arch: int, binary: bool = True, prefer_cupy: bool = False) -> bytes:
+def compile_module(source: str, arch: int, binary: bool = True, prefer_cupy: bool = False,
+                   by_cupy: bool = False) -> bytes:
     """The cubin (or PTX) of ``source``, compiled with :func:`nvrtc_options`."""
-    return binding(prefer_cupy).compile(source, nvrtc_options(arch, binary), binary)
+    return binding(prefer_cupy).compile(source, nvrtc_options(arch, binary, by_cupy), binary)
 
 
 def cache_dir() -> Path:

@@ -12,7 +12,9 @@ ADAM())``) and each size it measures the time per step of :func:`gpuopt.update` 
   ``fused=True`` on the CPU) where PyTorch is importable;
 - a model with GPT-2 small's 148 parameter tensors (:func:`gpt2_shapes`, 124M parameters):
   one multi-tensor ``update`` call against a per-tensor loop, one flat tensor of the same size,
-  the unfused loop and PyTorch, plus the host time of one ``update`` call;
+  the unfused loop and PyTorch, plus the host time of one ``update`` call, and
+  ``gpuopt.torch.Optimizer``'s ``step()`` on the same tensors (host and device, as a PyTorch
+  training loop pays it) against ``torch.optim.Adam(fused=True)``;
 - the targets of SPEC section 6, each reported as met, not met or not measured.
 
 GPU times come from CUDA events after warm-up; CPU times from ``time.perf_counter``. Each
@@ -63,9 +65,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 
+def _run_host(args: argparse.Namespace) -> int:
+    from ..dispatch import gpu_available
+    from .host import format_host_report, host_benchmark
+
+    if args.host_launches and not gpu_available():
+        print("gpuopt bench: error: --host-launches needs CuPy and a usable CUDA GPU", file=sys.stderr)
+        return 2
+    report = host_benchmark(calls=args.host_calls, layers=args.model_layers, width=args.model_width,
+                            many=args.host_many, use_torch=args.torch, launches=args.host_launches)
+    print(format_host_report(report), flush=True)
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    if getattr(args, "fail_on_targets", False) and any(t["status"] == "not met" for t in report["targets"]):
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``bench`` from parsed arguments: 0 on success, 2 on a setting that cannot run,
     1 with ``--fail-on-targets`` when a measured target is not met."""
+    if getattr(args, "host", False):
+        return _run_host(args)
     try:
         config = _config(args)
     except BenchError as exc:

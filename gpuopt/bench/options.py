@@ -135,6 +135,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time the unfused array-expression baselines (default: on)")
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
                         help="compare with torch.optim.Adam where PyTorch is importable (default: on)")
+    parser.add_argument("--host", action="store_true",
+                        help="measure only the host time of one update call (GPT-2 small, 1000 tensors, chains, "
+                             "PyTorch tensors) with a device that launches nothing; runs on any machine")
+    parser.add_argument("--host-calls", type=positive_int, default=500, metavar="N",
+                        help="update calls timed per --host case, the median is reported (default: 500)")
+    parser.add_argument("--host-launches", action="store_true",
+                        help="with --host: run on the GPU with real launches instead of the no-op device")
+    parser.add_argument("--host-many", type=positive_int, default=1000, metavar="N",
+                        help="tensors of the --host case that compares many tensors with GPT-2's (default: 1000)")
     parser.add_argument("--fail-on-targets", action="store_true",
                         help="exit with status 1 when a measured SPEC target is not met")
     parser.add_argument("--quiet", action="store_true", help="no progress display")

@@ -75,10 +75,12 @@ def format_report(report: dict[str, Any]) -> str:
         labels = {"multi_tensor": "gpuopt, one update call", "per_tensor_loop": "gpuopt, per-tensor loop",
                   "flat": "gpuopt, one flat tensor", "unfused_loop": "unfused expressions, loop",
                   "torch": "torch.optim.Adam", "torch_fused": "torch Adam(fused=True)",
-                  "torch_foreach": "torch Adam(foreach=True)"}
+                  "torch_foreach": "torch Adam(foreach=True)", "gpuopt_torch": "gpuopt.torch.Optimizer"}
         for name, v in (model.get("variants") or {}).items():
             ratio = v.get("ratio_to_multi_tensor")
             extra = f"  {ratio:.2f}x the one-call time" if ratio is not None else ""
+            if "ratio_to_torch_fused" in v:
+                extra += f", {v['ratio_to_torch_fused']:.2f}x torch Adam(fused=True)"
             if "host_time_s" in v:
                 extra += f"  (host time per call {_fmt_time(v['host_time_s'])})"
             if "time_s" not in v:

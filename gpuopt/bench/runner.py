@@ -119,6 +119,29 @@ class _Runner:
             for tp in tparams:
                 tp.grad = None
 
+    def _gpuopt_torch(self, params: list[Any], grads: list[Any]) -> Timing:
+        """``gpuopt.torch.Optimizer(..., ADAM()).step()`` on torch views of the same arrays,
+        timed as torch's optimisers are: what a PyTorch training loop pays per step, host
+        and device together."""
+        torch = self.torch()
+        from ..torch import Optimizer
+
+        tparams = [_torch_view(torch, p) for p in params]
+        for tp, g in zip(tparams, grads):
+            tp.grad = _torch_view(torch, g)
+        opt = Optimizer(tparams, ADAM())
+
+        def steps(m: int) -> None:
+            for _ in range(m):
+                opt.step()
+
+        try:
+            return self.measure(steps, _torch_elapsed(torch, self.device))
+        finally:
+            opt.param_groups[0]["rule"].reset()
+            for tp in tparams:
+                tp.grad = None
+
     # -- the phases -----------------------------------------------------------------------
 
     def sizes(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -248,6 +271,9 @@ class _Runner:
         for name, v in variants.items():
             if name != "multi_tensor" and "time_s" in v:
                 v["ratio_to_multi_tensor"] = v["time_s"] / multi
+        ours, fused = variants.get("gpuopt_torch", {}), variants.get("torch_fused", {})
+        if "time_s" in ours and "time_s" in fused:  # the drop-in replacement against torch's best
+            ours["ratio_to_torch_fused"] = ours["time_s"] / fused["time_s"]
         info["variants"] = variants
         return info
 
@@ -307,6 +333,11 @@ class _Runner:
                                            variant, self._torch_adam(params, grads, kwargs)))
                 if "error" in outcome:
                     record(variant, outcome)
+            self.progress(f"{label}: gpuopt.torch.Optimizer", minor=True)
+            outcome = self.attempt("gpuopt.torch.Optimizer on the model",
+                                   lambda: record("gpuopt_torch", self._gpuopt_torch(params, grads)))
+            if "error" in outcome:
+                record("gpuopt_torch", outcome)
 
 
 def benchmark(config: Config | argparse.Namespace, progress: Progress | None = None) -> dict[str, Any]:

@@ -1,0 +1,221 @@
+"""The prepared repeat of a collection update: a training loop's step at a host cost that
+does not grow with per-array Python work.
+
+After a collection ``update`` on a GPU backend, the optimiser keeps a :class:`PreparedUpdate`.
+A later call with the same parameter objects (compared by identity, at C speed) skips the
+per-array checks, state lookups and table building: only the host scalars are computed and the
+kernels launched. Gradients may be the same arrays (PyTorch's persistent ``.grad``) or new ones
+(a CuPy backward pass, or PyTorch after ``zero_grad(set_to_none=True)``): new ones must be like
+the ones they replace (type, dtype, shape, layout, device), and their addresses replace the
+tables' gradient column. Every array of the update shares one step count per rule
+(:class:`~gpuopt.rule.StepCount`), so a step advances one counter per rule, not one per array.
+
+The record holds weak references only (state stays weakly held). It dies with any of its
+parameters, so while it lives their ids cannot have been reused; gradient ids prove identity
+only while the gradients they were read from are alive. Any other
+change of state (another update or apply, reset, a checkpoint load) bumps the rules'
+``state_version``, which makes it stale.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections import Counter
+from collections.abc import Callable, Sequence
+from itertools import repeat
+from operator import attrgetter
+from typing import Any
+
+from .backends import get_backend
+from .backends.protocol import Job, PreparedLaunch
+from .memory import Disjoint
+from .plan import Program, plan
+from .rule import Rule, StepCount
+
+#: how many update calls took each path ("prepared" or "full"); tests and benchmarks read it
+PATHS: Counter[str] = Counter()
+
+
+def step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[int, ...]) -> list[float]:
+    """Run each rule's host schedule for its next step, then collect the kernel's scalars."""
+    values = []
+    for leaf, t in zip(leaves, step_counts):
+        leaf.advance(t)
+        values.append(leaf.scalars(t))
+    return program.host_scalars([values[ref.rule][ref.name] for ref in program.scalars])
+
+
+#: fast address readers for array types other than CuPy's and PyTorch's (the host-time
+#: benchmark's stand-in for device memory registers one)
+POINTER_READERS: dict[type, Callable[[Any], int]] = {}
+
+
+class _ArrayKind:
+    """How to read, at C speed over a list, the address of one type of array and what must
+    stay the same for a new array to take an old one's place in the tables."""
+
+    def __init__(self, kind: type, device_pointer: Callable[[Any], int]):
+        module = _family(kind)
+        self.torch = module == "torch"
+        if self.torch:
+            tensor = sys.modules["torch"].Tensor
+            self.pointer = tensor.data_ptr
+            self.layout: tuple[Callable[[Any], Any], ...] = (
+                attrgetter("dtype"), attrgetter("shape"), tensor.get_device, tensor.is_contiguous)
+        elif module == "cupy":
+            self.pointer = attrgetter("data.ptr")
+            self.layout = (attrgetter("dtype"), attrgetter("shape"), attrgetter("strides"),
+                           attrgetter("data.device_id"))
+        else:  # the backend's own arrays
+            self.pointer = POINTER_READERS.get(kind, device_pointer)
+            self.layout = (attrgetter("dtype"), attrgetter("shape"), attrgetter("strides"))
+        # (one attribute per pass over the arrays: cheaper than a tuple per array)
+
+    def pointers(self, arrays: Sequence[Any]) -> list[int]:
+        return list(map(self.pointer, arrays))
+
+    def layouts(self, arrays: Sequence[Any]) -> list[list[Any]]:
+        return [list(map(read, arrays)) for read in self.layout]
+
+    def same_layouts(self, arrays: Sequence[Any], expected: list[list[Any]]) -> bool:
+        """Whether ``arrays`` have the layouts ``expected`` (stops at the first difference)."""
+        return all(list(map(read, arrays)) == want for read, want in zip(self.layout, expected))
+
+
+class PreparedUpdate:
+    """One optimiser's last collection update, ready to repeat (see the module docstring)."""
+
+    def __init__(self, opt: Rule, program: Program, params: list, grads: list, jobs: Sequence[Job],
+                 launch: PreparedLaunch, param_kind: _ArrayKind, grad_kind: _ArrayKind):
+        self.program = program
+        self.leaves = opt.leaves()
+        self.versions = tuple(leaf.state_version for leaf in self.leaves)
+        self.launch = launch
+        self.param_kind, self.grad_kind = param_kind, grad_kind
+        owner = weakref.ref(opt)
+
+        def forget(_: object) -> None:
+            o = owner()
+            if o is not None and o.__dict__.get("_prepared") is self:
+                del o.__dict__["_prepared"]
+
+        self._forget = forget
+        self._params_alive = [weakref.ref(p, forget) for p in params]
+        self.param_ids = tuple(map(id, params))
+        # A torch parameter keeps its identity when its storage is replaced (p.data = ...).
+        self.param_pointers = param_kind.pointers(params) if param_kind.torch else None
+        self.grad_types = list(map(type, grads))
+        self.grad_layouts = grad_kind.layouts(grads)
+        self.param_memory = Disjoint([job.x for job in jobs], [job.g for job in jobs])  # new gradients: apart
+        self._use_gradients(grads)
+        # One step count per rule for every array of the update: they step together.
+        self.counters = []
+        for leaf in self.leaves:
+            shared = StepCount(leaf.state_for(jobs[0].key).t)
+            for job in jobs:
+                leaf.state_for(job.key).count = shared
+            self.counters.append(shared)
+
+    def _use_gradients(self, grads: Sequence[Any]) -> None:
+        """Trust these gradients' ids from now on: while they live, the same ids are the
+        same arrays. Their death must not end the record (most loops make new gradients every
+        step), only stop the ids from proving identity."""
+        self.grads_alive = True
+        self._grad_refs = list(map(weakref.ref, grads, repeat(self._gradient_died)))
+        self.grad_ids = tuple(map(id, grads))
+
+    def _gradient_died(self, _: object) -> None:
+        self.grads_alive = False
+
+    def _take_gradients(self, grads: Sequence[Any], ids: tuple[int, ...]) -> bool:
+        """Swap in new gradient arrays if each is like the one it replaces; False, changing
+        nothing, if any is not (None, another dtype, shape, layout or device)."""
+        if list(map(type, grads)) != self.grad_types or not self.grad_kind.same_layouts(grads, self.grad_layouts):
+            return False
+        pointers = self.grad_kind.pointers(grads)
+        if self.param_memory.meets(pointers):
+            return False  # (the full path names the arrays that share memory, and refuses them)
+        self.launch.set_gradient_pointers(pointers)
+        if ids == self.grad_ids:
+            # Checked twice under the same ids: likely persistent (PyTorch's .grad), so watch
+            # them (weak references cost as much as checking them once).
+            self._use_gradients(grads)
+        else:  # new arrays every step: watching them would cost more than it saves
+            self._grad_refs = []
+            self.grads_alive = False
+            self.grad_ids = ids
+        return True
+
+    def try_step(self, opt: Rule, params: list, grads: Sequence[Any]) -> bool:
+        """Run the step if this call repeats the prepared one; False, changing nothing, if not."""
+        if (tuple(map(id, params)) != self.param_ids  # (None has its own id: never a match)
+                or opt.leaves() != self.leaves
+                or plan(opt) is not self.program
+                or tuple(leaf.state_version for leaf in self.leaves) != self.versions
+                or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)):
+            return False
+        ids = tuple(map(id, grads))
+        if not (self.grads_alive and ids == self.grad_ids) and not self._take_gradients(grads, ids):
+            return False
+        self.launch.check_launchable()  # (before the schedules run: a refused call changes nothing)
+        counters = self.counters
+        self.launch(step_scalars(self.program, self.leaves, tuple(c.value + 1 for c in counters)))
+        for counter in counters:
+            counter.value += 1
+        return True
+
+
+def _family(kind: type) -> str:
+    """Array types read alike: PyTorch's tensor classes, CuPy's, or one backend type each."""
+    module = kind.__module__.split(".")[0]
+    return module if module in ("torch", "cupy") else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def try_prepared(opt: Rule, params: Any, grads: Any) -> bool:
+    """Repeat the optimiser's prepared update if this call is the same; True if done."""
+    prepared = opt.__dict__.get("_prepared") if isinstance(opt, Rule) else None
+    if prepared is None:
+        return False
+    if isinstance(params, dict):
+        if not isinstance(grads, dict) or list(params) != list(grads):
+            return False
+        params, grads = list(params.values()), list(grads.values())
+    elif not (isinstance(params, (list, tuple)) and isinstance(grads, (list, tuple))):
+        return False
+    if not prepared.try_step(opt, params, grads):
+        return False
+    PATHS["prepared"] += 1
+    return True
+
+
+def prepare(opt: Rule, program: Program, params: Any, grads: Any, checked: list, jobs: Sequence[Job]) -> None:
+    """Keep what it takes to repeat this call: collections on a backend that prepares, whose
+    arrays all step together, of one array type each for parameters and gradients."""
+    opt.__dict__.pop("_prepared", None)
+    if not isinstance(params, (list, tuple, dict)) or not jobs:
+        return
+    p = list(params.values()) if isinstance(params, dict) else list(params)
+    g = list(grads.values()) if isinstance(grads, dict) else list(grads)
+    if any(x is None for x in g) or len(checked) != len(p):
+        return
+    backends = {x.backend for _, x, _ in checked}
+    param_types, grad_types = set(map(type, p)), set(map(type, g))
+    if len(backends) != 1 or len(set(map(_family, param_types))) != 1 or len(set(map(_family, grad_types))) != 1:
+        return  # (torch.nn.Parameter and torch.Tensor are one family: one way to read them)
+    # Each object is the backend array itself, or a torch tensor whose pointers are read directly.
+    for (key, x, gr), g_obj in zip(checked, g):
+        if (x.array is not key and x.framework != "torch") or (gr.array is not g_obj and gr.framework != "torch"):
+            return
+    if len({tuple(leaf.state_for(job.key).t for leaf in opt.leaves()) for job in jobs}) != 1:
+        return  # step counts differ between arrays
+    backend = get_backend(backends.pop())
+    try:
+        launch = backend.prepare(program, jobs)
+    except MemoryError:  # the update itself is done: only its repetition stays unprepared
+        return
+    if launch is None:
+        return
+    param_kind = _ArrayKind(param_types.pop(), launch.pointer)
+    grad_kind = _ArrayKind(grad_types.pop(), launch.pointer)
+    opt.__dict__["_prepared"] = PreparedUpdate(opt, program, p, g, jobs, launch, param_kind, grad_kind)

@@ -1,0 +1,187 @@
+"""The prepared path of a collection update: which calls take it (counted, not inferred from
+results), with new gradient arrays every step and with PyTorch tensors, and what it keeps
+right (one step count per rule, replaced storage, dead gradients). Host logic only: a device
+that launches nothing (the CUDA text itself is checked in test_kernels.py)."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import numpy as np
+import pytest
+
+import gpuopt
+from gpuopt.__main__ import main
+from gpuopt.backends import backend_override
+from gpuopt.backends.kernel_backend import KernelBackend
+from gpuopt.bench.host import NoopDevice, host_benchmark
+from gpuopt.prepared import PATHS
+
+from .cases import CHAINS, RULES
+
+
+@pytest.fixture
+def noop():
+    device = NoopDevice()
+    with backend_override("numpy", KernelBackend(device)):
+        yield device
+
+
+def _paths(run):
+    before = dict(PATHS)
+    run()
+    return {k: PATHS[k] - before.get(k, 0) for k in ("prepared", "full")}
+
+
+def _numpy_grads(sizes):
+    return [np.full(n, 0.5, np.float32) for n in sizes]
+
+
+def _torch_grads(sizes):
+    torch = pytest.importorskip("torch")
+    return [torch.full((n,), 0.5) for n in sizes]
+
+
+SIZES = (300, 7, 70001, 0, 5)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("new_grads", [False, True])
+@pytest.mark.parametrize("case", ["ADAM", "ClipNorm+ADAM"])
+def test_prepared_path_taken_every_step_after_the_first(noop, kind, new_grads, case):
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        params = [torch.nn.Parameter(torch.ones(n)) for n in SIZES]
+        make = _torch_grads
+    else:
+        params = [np.ones(n, np.float32) for n in SIZES]
+        make = _numpy_grads
+    opt = (RULES | CHAINS)[case]()
+    fixed = make(SIZES)
+
+    def loop():
+        for _ in range(10):
+            gpuopt.update(opt, params, make(SIZES) if new_grads else fixed)  # new ones die right after
+
+    assert _paths(loop) == {"full": 1, "prepared": 9}
+    assert all(leaf.state_for(p).t == 10 for leaf in opt.leaves() for p in params)
+
+
+def test_new_gradient_of_another_kind_takes_the_full_path_once(noop):
+    params = [np.ones(n, np.float32) for n in SIZES]
+    opt = gpuopt.ADAM()
+    gpuopt.update(opt, params, _numpy_grads(SIZES))
+    odd = [
+        [np.full(n, 0.5, np.float64) for n in SIZES],  # another dtype
+        [np.full((n, 1), 0.5, np.float32) for n in SIZES],  # another shape, same size
+        [np.full(2 * n, 0.5, np.float32)[::2] for n in SIZES],  # strided
+        [None] + _numpy_grads(SIZES[1:]),  # one skipped
+    ]
+    for grads in odd:
+        if grads[0] is not None and grads[0].ndim == 2:
+            with pytest.raises(ValueError, match=r"params\[0\] has shape"):  # the full path's check
+                gpuopt.update(opt, params, grads)
+            continue
+        assert _paths(lambda grads=grads: gpuopt.update(opt, params, grads)) == {"full": 1, "prepared": 0}
+        assert _paths(lambda: gpuopt.update(opt, params, _numpy_grads(SIZES))) in (
+            {"full": 1, "prepared": 0}, {"full": 0, "prepared": 1})
+
+
+def test_new_gradients_change_only_the_gradient_column(noop):
+    params = [np.ones(n, np.float32) for n in (10, 20)]
+    opt = gpuopt.Momentum()
+    gpuopt.update(opt, params, _numpy_grads((10, 20)))
+    launcher = vars(opt)["_prepared"].launch.parts[0].launchers[0][0]
+    before = launcher.host.copy()
+    table = launcher.table
+    grads = _numpy_grads((10, 20))
+    gpuopt.update(opt, params, grads)
+    assert launcher.table is table  # kept, refreshed in place
+    np.testing.assert_array_equal(launcher.host[:, 1], [g.ctypes.data for g in grads])
+    np.testing.assert_array_equal(np.delete(launcher.host, 1, axis=1), np.delete(before, 1, axis=1))
+
+
+def test_one_step_count_per_rule_while_arrays_step_together(noop):
+    params = [np.ones(n, np.float32) for n in (10, 20, 30)]
+    grads = _numpy_grads((10, 20, 30))
+    opt = gpuopt.Optimiser(gpuopt.ClipValue(1.0), gpuopt.ADAM())
+    for _ in range(3):
+        gpuopt.update(opt, params, grads)
+    counts = {id(leaf.state_for(p).count) for leaf in opt.leaves() for p in params}
+    assert len(counts) == 2  # shared by the three arrays, one per rule
+    gpuopt.update(opt, params[1], grads[1])  # one array alone: only its count moves
+    assert [opt[1].state_for(p).t for p in params] == [3, 4, 3]
+    assert [opt[0].state_for(p).t for p in params] == [3, 4, 3]
+    gpuopt.update(opt, [params[0], params[2]], [grads[0], grads[2]])
+    assert [opt[1].state_for(p).t for p in params] == [4, 4, 4]
+
+
+def test_torch_parameter_with_replaced_storage_takes_the_full_path(noop):
+    torch = pytest.importorskip("torch")
+    params = [torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(20))]
+    opt = gpuopt.ADAM()
+    grads = _torch_grads((10, 20))
+    gpuopt.update(opt, params, grads)
+    gpuopt.update(opt, params, grads)
+    params[1].data = torch.zeros(20)  # same object, new memory
+    assert _paths(lambda: gpuopt.update(opt, params, grads)) == {"full": 1, "prepared": 0}
+
+
+def test_gradient_ids_prove_nothing_once_the_gradients_died(noop):
+    params = [np.ones(n, np.float32) for n in (10, 20)]
+    opt = gpuopt.Descent(0.5)
+    grads = _numpy_grads((10, 20))
+    gpuopt.update(opt, params, grads)
+    gpuopt.update(opt, params, grads)  # the same ids twice: watched from now on
+    prepared = vars(opt)["_prepared"]
+    assert prepared.grads_alive
+    del grads
+    gc.collect()
+    assert not prepared.grads_alive and "_prepared" in vars(opt)  # the record lives on
+    # Whatever ids the next arrays get, they are checked again: here one has another shape.
+    with pytest.raises(ValueError, match=r"params\[1\] has shape"):
+        gpuopt.update(opt, params, [np.ones(10, np.float32), np.ones((4, 5), np.float32)])
+
+
+def test_bench_host_writes_json_with_host_targets(tmp_path, capsys):
+    path = tmp_path / "host.json"
+    status = main(["bench", "--host", "--host-calls", "5", "--host-many", "40", "--model-layers", "1",
+                   "--model-width", "8", "--no-torch", "--json", str(path), "--quiet"])
+    assert status == 0
+    report = json.loads(path.read_text())
+    ids = [t["id"] for t in report["targets"]]
+    assert len(ids) == 10 and all("host" in i for i in ids)
+    for t in report["targets"]:
+        assert t["status"] == ("not measured" if "torch" in t["id"] else t["status"]), t
+        assert t["status"] in ("met", "not met", "not measured") and t["limit"] > 0
+    adam = report["cases"]["ADAM/new"]
+    assert adam["prepared_calls"] == 5 and adam["full_calls"] == 0
+    assert "host_gpt2_adam_new_grads_us" in capsys.readouterr().out
+
+
+def test_host_launches_need_a_gpu(capsys, monkeypatch):
+    from gpuopt import dispatch
+
+    monkeypatch.setattr(dispatch, "gpu_available", lambda: False)
+    assert main(["bench", "--host", "--host-launches", "--quiet"]) == 2
+    assert "needs CuPy and a usable CUDA GPU" in capsys.readouterr().err
+
+
+def test_host_benchmark_measures_the_prepared_path_with_torch():
+    pytest.importorskip("torch")
+    report = host_benchmark(calls=3, layers=1, width=8, many=20)
+    for name in ("torch ADAM/same", "torch ADAM/new", "ADAM/new/20", "ClipNorm+ADAM/new"):
+        assert report["cases"][name]["prepared_calls"] == 3, name
+
+
+def test_mixed_torch_tensor_classes_and_sequence_kinds_are_prepared(noop):
+    torch = pytest.importorskip("torch")
+    params = (torch.nn.Parameter(torch.ones(10)), torch.ones(20))  # a parameter and a buffer-like tensor
+    opt = gpuopt.ADAM()
+
+    def loop():
+        for _ in range(4):
+            gpuopt.update(opt, params, list(_torch_grads((10, 20))))  # a tuple of params, a list of grads
+
+    assert _paths(loop) == {"full": 1, "prepared": 3}
