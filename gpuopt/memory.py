@@ -170,21 +170,27 @@ class Disjoint:
 
     def __init__(self, params: list[Any], grads: list[Any]):
         spans = sorted(bounds for bounds in map(byte_bounds, params) if bounds is not None)
-        self.lows = np.array([low for low, _ in spans], dtype=np.int64)
-        self.highs = np.array([high for _, high in spans], dtype=np.int64)
+        # A first span below every address, so that each gradient has one before it.
+        self.lows = np.array([-1] + [low for low, _ in spans], dtype=np.int64)
+        self.highs = np.array([-1] + [high for _, high in spans], dtype=np.int64)
         # Each gradient's bounds as offsets from its pointer: the same for a new array of the
         # same layout. (An empty one spans nothing.)
         offsets = [(b[0] - data_pointer(g), b[1] - data_pointer(g)) if (b := byte_bounds(g)) else (0, 0)
                    for g in grads]
         self.low_offsets = np.array([o[0] for o in offsets], dtype=np.int64)
         self.high_offsets = np.array([o[1] for o in offsets], dtype=np.int64)
+        # The last two sets of pointers found apart: memory pools hand the same addresses out
+        # again, often alternating between two sets (the old gradients live while new ones are made).
+        self.cleared: list[list[int]] = []
 
     def meets(self, pointers: list[int]) -> bool:
         """Whether gradients at ``pointers`` (laid out as the old ones) meet a parameter."""
-        if not self.lows.size:
+        if pointers in self.cleared:
             return False
         start = np.array(pointers, dtype=np.int64)
-        lows, highs = start + self.low_offsets, start + self.high_offsets
         # The last parameter starting before each gradient ends is the only one it can meet.
-        before = np.searchsorted(self.lows, highs, side="left") - 1
-        return bool(np.any((before >= 0) & (self.highs[np.maximum(before, 0)] > lows) & (highs > lows)))
+        before = self.lows.searchsorted(start + self.high_offsets) - 1
+        if (self.highs[before] > start + self.low_offsets).any():
+            return True
+        self.cleared = [pointers, *self.cleared[:1]]
+        return False

@@ -466,6 +466,7 @@ class Rule:
         # Locks and prepared device tables belong to this object; a copy makes its own.
         state = dict(self.__dict__)
         state.pop("_update_lock", None)
+        state.pop("_lock_plan", None)
         state.pop("_prepared", None)
         state.pop("_building", None)
         return state
@@ -540,11 +541,18 @@ class holding:
 
     def __init__(self, opt: Rule, refuse_repeats: bool = True):
         leaves = opt.leaves()
+        cached = opt.__dict__.get("_lock_plan")  # (leaves, locks): chains change rarely
+        if cached is not None and cached[0] == leaves:
+            self.locks = cached[1]
+            return
         rules = {id(leaf): leaf for leaf in leaves}
-        if refuse_repeats and len(rules) != len(leaves):
-            raise ValueError(repeated_rule_message(leaves))
+        if len(rules) != len(leaves):
+            if refuse_repeats:
+                raise ValueError(repeated_rule_message(leaves))
         rules[id(opt)] = opt
         self.locks = [_lock_of(rules[k]) for k in sorted(rules)]
+        if len(rules) == len(leaves) + (opt not in leaves):
+            opt.__dict__["_lock_plan"] = (leaves, self.locks)
 
     def __enter__(self) -> None:
         for lock in self.locks:

@@ -25,6 +25,10 @@ class ClipValue(Rule):
         return clamp(d, -h.thresh, h.thresh)
 
 
+#: powers of two that scale ``d`` so that its sum of squares fits float32 and float64
+DOWN32, DOWN64 = 2.0**-90, 2.0**-600
+
+
 class ClipNorm(Rule):
     """Scale the update down to L2 norm ``thresh`` when its norm (over this array) exceeds it.
 
@@ -32,13 +36,10 @@ class ClipNorm(Rule):
     element-wise pass; the reduction recomputes the rules before it instead of storing them.
     The norm never overflows: besides the plain sum of squares, the same pass sums the squares
     of ``d`` scaled down by powers of two, used when the plain sum overflows the compute type
-    (``down64`` rounds to 0 in float32, where ``down32`` always suffices).
+    (in float32 ``DOWN32`` always suffices, in float64 ``DOWN64`` does).
     """
 
     thresh = Hyper(check=positive)
-
-    def host(self, t):
-        return {"down32": 2.0**-90, "down64": 2.0**-600}
 
     def step(self, d, x, s, h):
         plain = sqrt(total(d * d))
@@ -47,7 +48,8 @@ class ClipNorm(Rule):
             # norm * down > thresh * down, and thresh / (norm * down) * down: no overflow
             return where(norm > h.thresh * down, h.thresh / norm * down, 1.0)
 
-        scaled32, scaled64 = d * h.down32, d * h.down64
+        scaled32, scaled64 = d * DOWN32, d * DOWN64
         norm32, norm64 = sqrt(total(scaled32 * scaled32)), sqrt(total(scaled64 * scaled64))
-        overflowed = where(h.down64 > 0, factor(norm64, h.down64), factor(norm32, h.down32))
+        # thresh * DOWN64 rounds to 0 in float32 (and never in float64): it picks the scaling
+        overflowed = where(h.thresh * DOWN64 > 0, factor(norm64, DOWN64), factor(norm32, DOWN32))
         return d * where(plain - plain < 1, factor(plain, 1.0), overflowed)  # (inf - inf is NaN)
