@@ -41,7 +41,7 @@ class guarded:
         self.lock.__enter__()
         # Under the lock, no other call is changing these rules. Attributes are copied (a few
         # each); state maps only log what this call adds, which is nothing on a repeated step.
-        self.saved = [(r, dict(r.__dict__)) for r in {id(r): r for r in (self.rule, *self.rule.leaves())}.values()]
+        self.saved = [(r, r.__dict__.copy()) for r in self.lock.rules]
         self.outer = _rule.changes.log
         _rule.changes.log = []
 

@@ -537,22 +537,22 @@ class holding:
     refuses a chain that runs one rule object twice (see Optimiser).
     """
 
-    __slots__ = ("locks",)
+    __slots__ = ("locks", "rules")
 
     def __init__(self, opt: Rule, refuse_repeats: bool = True):
         leaves = opt.leaves()
         cached = opt.__dict__.get("_lock_plan")  # (leaves, locks): chains change rarely
-        if cached is not None and cached[0] == leaves:
-            self.locks = cached[1]
-            return
-        rules = {id(leaf): leaf for leaf in leaves}
-        if len(rules) != len(leaves):
-            if refuse_repeats:
+        if cached is None or cached[0] != leaves:
+            by_id = {id(leaf): leaf for leaf in leaves}
+            if len(by_id) != len(leaves) and refuse_repeats:
                 raise ValueError(repeated_rule_message(leaves))
-        rules[id(opt)] = opt
-        self.locks = [_lock_of(rules[k]) for k in sorted(rules)]
-        if len(rules) == len(leaves) + (opt not in leaves):
-            opt.__dict__["_lock_plan"] = (leaves, self.locks)
+            by_id[id(opt)] = opt
+            locks = [_lock_of(by_id[k]) for k in sorted(by_id)]
+            cached = (leaves, locks)
+            if len(by_id) == len(leaves) + (opt not in leaves):  # (the leaves, not opt: no cycle)
+                opt.__dict__["_lock_plan"] = cached
+        self.locks = cached[1]
+        self.rules = leaves if opt in leaves else (opt, *leaves)  # what a call may change
 
     def __enter__(self) -> None:
         for lock in self.locks:
