@@ -14,8 +14,10 @@ from typing import Any
 from .backends import get_backend
 from .backends.numpy_backend import compute_dtype
 from .backends.protocol import Job
-from .dispatch import Resolved, check_pair, check_writable
+from .dispatch import Resolved, check_pair, check_writable, cupy_module, gpu_available
 from .dtypes import BFLOAT16, to_compute
+from .guard import guarded
+from .memory import check_overlaps
 from .plan import Program, plan
 from .prepared import PATHS, prepare, step_scalars, try_prepared
 from .rule import ParamState, Rule
@@ -49,9 +51,8 @@ def _entries(params: Any, grads: Any) -> list[tuple[str, object, object]]:
 def _checked(opt: Rule, entries: Iterable[tuple[str, object, object]], writes_x: bool
              ) -> list[tuple[object, Resolved, Resolved]]:
     """Every check, before anything is written."""
-    if not isinstance(opt, Rule):
-        raise TypeError(f"opt must be a gpuopt rule or Optimiser, got {type(opt).__name__}")
     checked = []
+    placed = []  # (name, backend, x, g): memory shared between them is checked at the end
     seen: dict[int, str] = {}
     for name, x_obj, g_obj in entries:
         if g_obj is None:
@@ -70,6 +71,9 @@ def _checked(opt: Rule, entries: Iterable[tuple[str, object, object]], writes_x:
                     f"for {state.slots.shape[1]}; call opt.reset() after resizing parameters"
                 )
         checked.append((x_obj, x, g))
+        placed.append((name, x.backend, x.array, g.array))
+    if writes_x:
+        check_overlaps(placed)
     groups: dict[tuple[str, str], list[Any]] = {}
     for _, x, _ in checked:
         groups.setdefault((x.backend, x.framework), []).append(x.array)
@@ -126,8 +130,14 @@ def update(opt: Rule, params: Any, grads: Any) -> None:
 
     ``params`` is one array, or a list, tuple or dict of arrays with ``grads`` of the same
     structure (a ``None`` gradient skips that parameter). Gradients are not modified.
-    Every check runs before any write, so a failing call changes nothing.
+    Every check runs before any write, so a failing call changes nothing. Calls through one
+    optimiser from several threads run one at a time.
     """
+    with guarded(opt):
+        _update(opt, params, grads)
+
+
+def _update(opt: Rule, params: Any, grads: Any) -> None:
     if try_prepared(opt, params, grads):
         return
     checked = _checked(opt, _entries(params, grads), writes_x=True)
@@ -151,6 +161,11 @@ def apply(opt: Rule, x: Any, dx: Any) -> Any:
     untouched and the optimiser's state advances."""
     if isinstance(x, (list, tuple, dict)):
         raise TypeError("apply takes one array; use update for collections")
+    with guarded(opt):
+        return _apply(opt, x, dx)
+
+
+def _apply(opt: Rule, x: Any, dx: Any) -> Any:
     (key, xr, gr), = _checked(opt, _entries(x, dx), writes_x=False) or [(None, None, None)]
     if key is None:
         raise TypeError("apply needs a gradient, got None")
@@ -173,6 +188,10 @@ def count_launches() -> Any:
         counter.launches, counter.names   # e.g. 1, ['gpuopt_elementwise']
 
     Only kernels gpuopt itself launches are counted (not CuPy's own, such as the fill that
-    initialises new state). Needs CuPy.
+    initialises new state). Needs CuPy and a GPU: RuntimeError otherwise.
     """
+    if cupy_module() is None:
+        raise RuntimeError("count_launches counts CUDA kernel launches and needs CuPy: pip install 'gpuopt[cuda12]'")
+    if not gpu_available():
+        raise RuntimeError("count_launches counts CUDA kernel launches, but CuPy cannot see a usable GPU")
     return get_backend("cupy").count_launches()

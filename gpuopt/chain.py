@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, overload
 
-from .rule import IdentityWeakMap, Rule
+from .rule import IdentityWeakMap, Rule, repeated_rule_message
 
 
 def _check_rule(rule: Any, where: str) -> Rule:
@@ -22,12 +22,29 @@ class Optimiser(Rule):
     same rule objects, sharing their state), ``len``, iteration, ``append``, ``extend``,
     ``insert``.
 
+    One rule object may appear only once in a chain (also through nested chains): its state
+    has one step count per parameter, so running it twice per step would advance it twice.
+    Use two instances to apply a rule twice.
+
     >>> opt = Optimiser(ExpDecay(0.001, 0.1, 1000, 1e-4), Descent())
     """
 
     def __init__(self, *rules: Rule):
         self.rules: list[Rule] = [_check_rule(r, f"Optimiser argument {i}") for i, r in enumerate(rules)]
         self._state = IdentityWeakMap()
+        self._check_distinct()
+
+    def _check_distinct(self) -> None:
+        leaves = self.leaves()
+        if len({id(leaf) for leaf in leaves}) != len(leaves):
+            raise ValueError(repeated_rule_message(leaves))
+
+    def _changed(self, before: list[Rule]) -> None:
+        try:
+            self._check_distinct()
+        except ValueError:
+            self.rules[:] = before  # the failed change is undone
+            raise
 
     def leaves(self) -> tuple[Rule, ...]:
         return tuple(leaf for rule in self.rules for leaf in rule.leaves())
@@ -42,7 +59,9 @@ class Optimiser(Rule):
         return self.rules[index]
 
     def __setitem__(self, index: int, rule: Rule) -> None:
+        before = list(self.rules)
         self.rules[index] = _check_rule(rule, "an Optimiser member")
+        self._changed(before)
 
     def __delitem__(self, index: int | slice) -> None:
         del self.rules[index]
@@ -54,14 +73,20 @@ class Optimiser(Rule):
         return iter(self.rules)
 
     def append(self, rule: Rule) -> None:
+        before = list(self.rules)
         self.rules.append(_check_rule(rule, "an appended rule"))
+        self._changed(before)
 
     def extend(self, rules: Any) -> None:
-        for rule in rules:
-            self.append(rule)
+        before = list(self.rules)
+        added = [_check_rule(rule, "an appended rule") for rule in rules]
+        self.rules.extend(added)
+        self._changed(before)
 
     def insert(self, index: int, rule: Rule) -> None:
+        before = list(self.rules)
         self.rules.insert(index, _check_rule(rule, "an inserted rule"))
+        self._changed(before)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {}

@@ -18,7 +18,11 @@ shapes, slot counts) before it writes anything: a failed load leaves the optimis
 
 from __future__ import annotations
 
+import math
 import os
+import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Any, Union
 
@@ -28,7 +32,7 @@ from .backends import get_backend
 from .backends.numpy_backend import compute_dtype
 from .dispatch import check_dtype, resolve
 from .dtypes import to_compute
-from .rule import ParamState, Rule
+from .rule import ParamState, Rule, holding
 
 __all__ = ["save_state", "load_state", "CheckpointError"]
 
@@ -99,9 +103,10 @@ def _decode_value(array: np.ndarray) -> Any:
 
 
 def _to_host(array: Any) -> np.ndarray:
-    """A NumPy or CuPy array as a NumPy one (np.savez writes it out before anything changes)."""
+    """A NumPy or CuPy array as a new NumPy one: a copy taken under the optimiser's lock, so that
+    an update in another thread while the file is written does not tear it."""
     if isinstance(array, np.ndarray):
-        return array
+        return array.copy()
     return array.get()  # CuPy: device -> host
 
 
@@ -118,12 +123,14 @@ def _write(path: PathOrFile, members: dict[str, np.ndarray]) -> None:
     if hasattr(path, "write"):
         np.savez(path, **members)
         return
-    # Write beside the target and rename, so a crash mid-save never leaves a torn checkpoint
-    # in place of a good one; an open file also stops np.savez from appending ".npz".
+    # Write beside the target under a name no other writer uses (threads or processes saving
+    # to one path at once), then rename: a reader sees the old file or the new one, whole.
+    # An open file also stops np.savez from appending ".npz".
     target = os.fspath(path)
-    tmp = f"{target}.tmp-{os.getpid()}"
+    directory, base = os.path.split(os.path.abspath(target))
+    descriptor, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(descriptor, "wb") as f:
             np.savez(f, **members)
         os.replace(tmp, target)
     finally:
@@ -131,24 +138,113 @@ def _write(path: PathOrFile, members: dict[str, np.ndarray]) -> None:
             os.remove(tmp)
 
 
-def _read(path: PathOrFile) -> dict[str, np.ndarray]:
+#: what reading a damaged archive can raise (truncation, a flipped byte, a forged header)
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError,
+                OverflowError, TypeError)
+
+
+def _starts_with(path: PathOrFile, prefix: bytes) -> bool:
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
-            raise CheckpointError(f"{path!r} is not a gpuopt checkpoint (not an .npz archive)")
-        with loaded:
-            members = {name: loaded[name] for name in loaded.files}
-    except (OSError, ValueError, EOFError) as exc:  # not a zip / an object array / truncated
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"cannot read a gpuopt checkpoint from {path!r}: {exc}") from exc
-    fmt = members.get("format")
-    if fmt is None or fmt.ndim != 0 or str(fmt) != FORMAT:
-        raise CheckpointError(f"{path!r} is not a gpuopt checkpoint (no '{FORMAT}' marker)")
-    version = int(members.get("version", -1))
-    if version != VERSION:
-        raise CheckpointError(f"{path!r} is checkpoint format version {version}; this gpuopt reads {VERSION}")
-    return members
+        if hasattr(path, "read"):
+            path.seek(0)
+            return path.read(len(prefix)) == prefix
+        with open(path, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    except (OSError, ValueError):
+        return False
+
+
+class _Archive:
+    """The members of an ``.npz`` checkpoint, read one at a time, each checked from its ``.npy``
+    header (kind, shape, and that the bytes it claims are there) before its data is read."""
+
+    def __init__(self, path: PathOrFile):
+        self.source = repr(path)
+        try:
+            self.zip = zipfile.ZipFile(path)
+            self.names = [info.filename for info in self.zip.infolist()]
+            self.infos = {info.filename[:-4]: info for info in self.zip.infolist() if info.filename.endswith(".npy")}
+        except _READ_ERRORS as exc:
+            if isinstance(exc, zipfile.BadZipFile) and _starts_with(path, np.lib.format.MAGIC_PREFIX):
+                raise CheckpointError(f"{path!r} is not a gpuopt checkpoint (not an .npz archive)") from None
+            raise CheckpointError(f"cannot read a gpuopt checkpoint from {self.source}: {exc}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def close(self) -> None:
+        self.zip.close()
+
+    def _damaged(self, name: str, why: object) -> CheckpointError:
+        return CheckpointError(f"checkpoint {self.source} is damaged: member {name!r}: {why}")
+
+    def header(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        info = self.infos.get(name)
+        if info is None:
+            raise CheckpointError(f"checkpoint {self.source} is incomplete: it has no {name!r}")
+        try:
+            with self.zip.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"unsupported .npy version {version}")
+                offset = f.tell()
+        except _READ_ERRORS as exc:
+            raise self._damaged(name, exc) from None
+        if dtype.hasobject:
+            raise CheckpointError(f"cannot read a gpuopt checkpoint from {self.source}: member {name!r} "
+                                  "holds Python objects")
+        claimed = math.prod(shape) * dtype.itemsize
+        if claimed > info.file_size - offset:
+            raise self._damaged(name, f"its header claims {claimed} bytes but it holds {info.file_size - offset}")
+        return tuple(shape), dtype
+
+    def array(self, name: str, kinds: str, ndim: int | None = None, shape: tuple | None = None,
+              what: str = "") -> np.ndarray:
+        """The member, if its dtype kind is among ``kinds`` and its shape fits; else CheckpointError."""
+        saved_shape, dtype = self.header(name)
+        label = what or repr(name)
+        if dtype.kind not in kinds:
+            raise CheckpointError(f"checkpoint member {label} has dtype {dtype}, expected kind {kinds!r}")
+        if ndim is not None and len(saved_shape) != ndim:
+            raise CheckpointError(f"checkpoint member {label} has shape {saved_shape}, expected {ndim} dimension(s)")
+        if shape is not None and saved_shape != shape:
+            raise CheckpointError(f"{label} has shape {saved_shape}, expected {shape}")
+        try:
+            with self.zip.open(self.infos[name]) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except _READ_ERRORS as exc:
+            raise self._damaged(name, exc) from None
+
+    def integer(self, name: str, what: str = "") -> int:
+        return int(self.array(name, "iu", ndim=0, what=what))
+
+    def text(self, name: str) -> str:
+        return str(self.array(name, "U", ndim=0))
+
+    def texts(self, name: str) -> list[str]:
+        return [str(v) for v in self.array(name, "U", ndim=1).tolist()]
+
+
+def _read(path: PathOrFile) -> _Archive:
+    archive = _Archive(path)
+    if not archive.infos:
+        archive.close()
+        raise CheckpointError(f"{path!r} is not a gpuopt checkpoint (not an .npz archive)")
+    try:
+        fmt = archive.text("format") if "format" in archive else None
+        if fmt != FORMAT:
+            raise CheckpointError(f"{path!r} is not a gpuopt checkpoint (no '{FORMAT}' marker)")
+        version = archive.integer("version") if "version" in archive else -1
+        if version != VERSION:
+            raise CheckpointError(f"{path!r} is checkpoint format version {version}; this gpuopt reads {VERSION}")
+    except CheckpointError:
+        archive.close()
+        raise
+    return archive
 
 
 # -- save ------------------------------------------------------------------------------------
@@ -163,6 +259,12 @@ def save_state(opt: Rule, params: Any, path: PathOrFile) -> None:
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"opt must be a gpuopt rule or Optimiser, got {type(opt).__name__}")
+    with holding(opt):  # (no update of this optimiser in another thread meanwhile)
+        members = _members_of(opt, params)
+    _write(path, members)
+
+
+def _members_of(opt: Rule, params: Any) -> dict[str, np.ndarray]:
     structure, keys, objs = _flatten(params)
     arrays = [resolve(obj, _describe(structure, key)).array for key, obj in zip(keys, objs, strict=True)]
     leaves = opt.leaves()
@@ -200,7 +302,7 @@ def save_state(opt: Rule, params: Any, path: PathOrFile) -> None:
             members[f"rule{i}.param{j}.t"] = np.array(state.t, dtype=np.int64)
             if state.slots is not None:
                 members[f"rule{i}.param{j}.slots"] = _to_host(state.slots)
-    _write(path, members)
+    return members
 
 
 # -- load ------------------------------------------------------------------------------------
@@ -224,18 +326,44 @@ def _check_hyper(leaf: Rule, name: str, value: Any, what: str) -> None:
             raise CheckpointError(f"{what}: saved value is invalid: {exc}") from exc
 
 
-def _plan(opt: Rule, params: Any, members: dict[str, np.ndarray], restore_hyper: bool,
-          source: str) -> _Plan:
-    def member(name: str) -> np.ndarray:
-        try:
-            return members[name]
-        except KeyError:
-            raise CheckpointError(f"checkpoint {source} is incomplete: it has no {name!r}") from None
+def _saved_value(archive: _Archive, name: str, current: Any, what: str) -> Any:
+    """A saved hyperparameter or host-state value, of the same kind as the current one."""
+    if isinstance(current, (tuple, list)):
+        saved = archive.array(name, "iuf", shape=(len(current),), what=what)
+    elif isinstance(current, bool):
+        saved = archive.array(name, "b", ndim=0, what=what)
+    elif isinstance(current, int):
+        saved = archive.array(name, "iu", ndim=0, what=what)
+    elif isinstance(current, float):
+        saved = archive.array(name, "iuf", ndim=0, what=what)
+    elif isinstance(current, str):
+        saved = archive.array(name, "U", ndim=0, what=what)
+    else:
+        saved = archive.array(name, "biufU", what=what)
+    value = _decode_value(saved)
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CheckpointError(f"{what}: saved value {value!r} is not finite")
+    return value
 
+
+def _decoded_keys(archive: _Archive, count: int) -> list[str]:
+    data = archive.array("keys.utf8", "u", ndim=1)
+    offsets = archive.array("keys.offsets", "iu", shape=(count + 1,), what="keys.offsets")
+    if data.dtype.itemsize != 1 or offsets[0] != 0 or offsets[-1] != data.size or np.any(np.diff(offsets) < 0):
+        raise CheckpointError(f"checkpoint {archive.source} is damaged: its dict keys do not decode")
+    try:
+        return _decode_keys(data, offsets)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"checkpoint {archive.source} is damaged: its dict keys are not UTF-8") from None
+
+
+def _plan(opt: Rule, params: Any, archive: _Archive, restore_hyper: bool) -> _Plan:
     structure, keys, objs = _flatten(params)
 
     # Optimiser structure: the same leaf rules in the same order.
-    saved_rules = [str(r) for r in member("rules").tolist()]
+    saved_rules = archive.texts("rules")
     leaves = opt.leaves()
     names = [type(leaf).__name__ for leaf in leaves]
     if saved_rules != names:
@@ -244,8 +372,8 @@ def _plan(opt: Rule, params: Any, members: dict[str, np.ndarray], restore_hyper:
         )
 
     # Parameter structure: same kind of collection and the same keys.
-    saved_structure = str(member("structure"))
-    n_saved = int(member("n_params"))
+    saved_structure = archive.text("structure")
+    n_saved = archive.integer("n_params")
     if saved_structure != structure:
         kinds = {"single": "a single array", "sequence": "a list/tuple", "dict": "a dict"}
         raise CheckpointError(
@@ -253,7 +381,9 @@ def _plan(opt: Rule, params: Any, members: dict[str, np.ndarray], restore_hyper:
             f"but params is {kinds[structure]}"
         )
     if structure == "dict":
-        saved_keys = _decode_keys(member("keys.utf8"), member("keys.offsets"))
+        if not 0 <= n_saved <= len(archive.infos):
+            raise CheckpointError(f"checkpoint {archive.source} is damaged: it claims {n_saved} parameters")
+        saved_keys = _decoded_keys(archive, n_saved)
         missing = [k for k in saved_keys if k not in params]
         extra = [k for k in keys if k not in saved_keys]
         if missing or extra:
@@ -274,7 +404,7 @@ def _plan(opt: Rule, params: Any, members: dict[str, np.ndarray], restore_hyper:
         obj = lookup[key]
         r = resolve(obj, what)
         check_dtype(r.array, what, r.element)
-        saved_shape = tuple(int(n) for n in member(f"param{j}.shape"))
+        saved_shape = tuple(int(n) for n in archive.array(f"param{j}.shape", "iu", ndim=1))
         if tuple(r.array.shape) != saved_shape:
             raise CheckpointError(
                 f"{what} has shape {tuple(r.array.shape)} but the checkpoint's has shape {saved_shape}"
@@ -285,23 +415,24 @@ def _plan(opt: Rule, params: Any, members: dict[str, np.ndarray], restore_hyper:
     for i, leaf in enumerate(leaves):
         name = f"{type(leaf).__name__} (rule {i})"
         hypers = leaf.hyperparameters()
-        saved_hypers = [str(h) for h in member(f"rule{i}.hypers").tolist()]
+        saved_hypers = archive.texts(f"rule{i}.hypers")
         if saved_hypers != list(hypers):
             raise CheckpointError(
                 f"{name} has hyperparameters {list(hypers)} but the checkpoint's has {saved_hypers}"
             )
         if restore_hyper:
-            values = {h: _decode_value(member(f"rule{i}.hyper.{h}")) for h in saved_hypers}
+            values = {h: _saved_value(archive, f"rule{i}.hyper.{h}", hypers[h], f"{name}.{h}") for h in saved_hypers}
             for h, value in values.items():
                 _check_hyper(leaf, h, value, f"{name}.{h}")
             plan.hypers.append((leaf, values))
-        saved_host = [str(h) for h in member(f"rule{i}.host_state").tolist()]
+        saved_host = archive.texts(f"rule{i}.host_state")
         if saved_host != list(leaf.host_state):
             raise CheckpointError(
                 f"{name} has host state {list(leaf.host_state)} but the checkpoint's has {saved_host}"
             )
-        plan.host.append((leaf, {h: _decode_value(member(f"rule{i}.host.{h}")) for h in saved_host}))
-        n_slots = int(member(f"rule{i}.n_slots"))
+        plan.host.append((leaf, {h: _saved_value(archive, f"rule{i}.host.{h}", getattr(leaf, h), f"{name}.{h}")
+                                 for h in saved_host}))
+        n_slots = archive.integer(f"rule{i}.n_slots")
         if n_slots != len(leaf.state):
             raise CheckpointError(
                 f"{name} keeps {len(leaf.state)} state slots but the checkpoint has {n_slots}"
@@ -310,7 +441,7 @@ def _plan(opt: Rule, params: Any, members: dict[str, np.ndarray], restore_hyper:
         for j, (what, obj, r) in enumerate(resolved):
             ct = compute_dtype(r.element)
             t_name = f"rule{i}.param{j}.t"
-            if t_name not in members:
+            if t_name not in archive:
                 # Never stepped when saved: a fresh state is what the first step would create.
                 if leaf.state_for(obj) is not None:
                     slots = None
@@ -322,23 +453,41 @@ def _plan(opt: Rule, params: Any, members: dict[str, np.ndarray], restore_hyper:
                             slots[row][...] = to_compute(r.array.reshape(-1), r.element)
                     plan.states.append((leaf, obj, ParamState(0, slots)))
                 continue
-            t = int(members[t_name])
+            t = archive.integer(t_name, what=f"{name}: step count for {what}")
             if t < 0:
                 raise CheckpointError(f"{name}: step count {t} for {what} is negative")
             slots = None
             if leaf.state:
-                saved = member(f"rule{i}.param{j}.slots")
-                expected = (n_slots, r.array.size)
-                if saved.shape != expected:
-                    raise CheckpointError(
-                        f"{name}: state for {what} has shape {saved.shape}, expected {expected}"
-                    )
-                if saved.dtype.kind != "f":
-                    raise CheckpointError(f"{name}: state for {what} has dtype {saved.dtype}")
+                # The shape is checked from the header, before any data is read.
+                saved = archive.array(f"rule{i}.param{j}.slots", "f", shape=(n_slots, r.array.size),
+                                      what=f"{name}: state for {what}")
                 # Converted to the compute dtype of the parameter it is loaded for.
                 slots = _on_backend(saved, r.backend, r.array, ct)
             plan.states.append((leaf, obj, ParamState(t, slots)))
+    _check_names(archive, leaves, len(resolved), structure == "dict")
     return plan
+
+
+def _check_names(archive: _Archive, leaves: tuple[Rule, ...], n_params: int, has_keys: bool) -> None:
+    """Every member is one the format has: a damaged name (a flipped byte in the zip directory)
+    must not make a member look absent, which would read as "never stepped"."""
+    allowed = {"format", "version", "structure", "n_params", "rules"}
+    if has_keys:
+        allowed |= {"keys.utf8", "keys.offsets"}
+    allowed |= {f"param{j}.shape" for j in range(n_params)}
+    for i, leaf in enumerate(leaves):
+        allowed |= {f"rule{i}.hypers", f"rule{i}.host_state", f"rule{i}.n_slots"}
+        allowed |= {f"rule{i}.hyper.{h}" for h in leaf.hyperparameters()}
+        allowed |= {f"rule{i}.host.{h}" for h in leaf.host_state}
+        for j in range(n_params):
+            allowed |= {f"rule{i}.param{j}.t", f"rule{i}.param{j}.slots"}
+    unknown = [name for name in archive.names if not (name.endswith(".npy") and name[:-4] in allowed)]
+    if unknown:
+        raise CheckpointError(f"checkpoint {archive.source} is damaged: unexpected member {unknown[0]!r}")
+    for i in range(len(leaves)):
+        for j in range(n_params):
+            if f"rule{i}.param{j}.slots" in archive and f"rule{i}.param{j}.t" not in archive:
+                raise CheckpointError(f"checkpoint {archive.source} is incomplete: it has no 'rule{i}.param{j}.t'")
 
 
 def load_state(opt: Rule, params: Any, path: PathOrFile, *, hyperparameters: bool = True) -> None:
@@ -353,8 +502,21 @@ def load_state(opt: Rule, params: Any, path: PathOrFile, *, hyperparameters: boo
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"opt must be a gpuopt rule or Optimiser, got {type(opt).__name__}")
-    members = _read(path)
-    _commit(_plan(opt, params, members, hyperparameters, repr(path)))
+    with holding(opt):
+        _commit(_planned(opt, params, path, hyperparameters))
+
+
+def _planned(opt: Rule, params: Any, path: PathOrFile, hyperparameters: bool = True,
+             label: str | None = None) -> _Plan:
+    """Read and check a checkpoint (``label`` names it in errors, else ``path`` does) and plan
+    every write of its load; nothing is changed."""
+    archive = _read(path)
+    if label is not None:
+        archive.source = label
+    try:
+        return _plan(opt, params, archive, hyperparameters)
+    finally:
+        archive.close()
 
 
 def _commit(plan: _Plan) -> None:

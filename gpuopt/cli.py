@@ -10,16 +10,22 @@ from .dispatch import cupy_module, gpu_available
 def _integer(text: str, least: int) -> int:
     try:
         value = int(text)
-    except ValueError:
+    except ValueError:  # (also a number with more digits than int() takes)
         value = None
     if value is None or value < least:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {shown!r}")
     return value
 
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _integer(text, 1)
+
+
+def at_least_two(text: str) -> int:
+    """argparse type: an integer >= 2."""
+    return _integer(text, 2)
 
 
 def non_negative_int(text: str) -> int:

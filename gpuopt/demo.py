@@ -28,7 +28,7 @@ import numpy as np
 
 from .api import update
 from .backends import describe
-from .cli import choose_backend, positive_int
+from .cli import at_least_two, choose_backend, non_negative_int, positive_int
 from .dispatch import cupy_module
 from .expressions import parse_optimiser
 from .rule import Rule
@@ -294,11 +294,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=500, help="training steps (default: 500)")
     p.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
                    help="array backend; auto picks cupy only where a GPU is usable (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, weights and batches (default: 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for data, weights and batches (default: 0)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="minibatch size (default: 64)")
     p.add_argument("--hidden", type=positive_int, default=32, help="hidden units (default: 32)")
     p.add_argument("--dataset", choices=DATASETS, default="blobs", help="synthetic data set (default: blobs)")
-    p.add_argument("--classes", type=int, default=4, help="number of classes (default: 4)")
+    p.add_argument("--classes", type=at_least_two, default=4, help="number of classes (default: 4)")
     p.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                    help="hidden activation (default: tanh)")
     p.add_argument("--framework", choices=FRAMEWORKS, default="arrays",

@@ -76,7 +76,9 @@ class Resolved:
 def resolve(obj: object, what: str) -> Resolved:
     """The backend array behind ``obj`` (no copy), or TypeError naming ``what``."""
     if isinstance(obj, np.ndarray):
-        return Resolved("numpy", obj)
+        # np.matrix stays 2-D when flattened (every element would get element 0's step): it
+        # is used as the plain array it views. Other subclasses keep their type.
+        return Resolved("numpy", obj.view(np.ndarray) if isinstance(obj, np.matrix) else obj)
     cupy = cupy_module()
     if cupy is not None and isinstance(obj, cupy.ndarray):
         return Resolved("cupy", obj, "cupy")
@@ -84,22 +86,55 @@ def resolve(obj: object, what: str) -> Resolved:
         # A torch Parameter refuses to export itself; its detached alias shares the storage,
         # and the optimiser's in-place write is not something autograd should record.
         obj = obj.detach()
+    _check_torch_view(obj, what)
     bits = _bfloat16_bits(obj)
-    if bits is not None:
-        r = resolve(bits, what)
-        return Resolved(r.backend, r.array.view(np.uint16), r.framework, BFLOAT16)
-    if hasattr(obj, "__cuda_array_interface__"):
-        return Resolved("cupy", _need_cupy(obj, what).asarray(obj), stream_framework(obj))
-    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
-        device = obj.__dlpack_device__()[0]
-        if device in (_DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED):
-            return Resolved("cupy", _need_cupy(obj, what).from_dlpack(obj), stream_framework(obj))
-        if device == _DLPACK_CPU:
-            return Resolved("numpy", np.from_dlpack(obj), stream_framework(obj))
+    exported = _export(obj if bits is None else bits, what)
+    if exported is not None:
+        if bits is not None:
+            return Resolved(exported.backend, exported.array.view(np.uint16), exported.framework, BFLOAT16)
+        return exported
     raise TypeError(
         f"{what} must be an array (numpy.ndarray, cupy.ndarray or a CUDA array such as a "
         f"torch CUDA tensor), got {type_name(obj)}"
     )
+
+
+def _export(obj: object, what: str) -> Resolved | None:
+    """``obj`` viewed through its CUDA array interface or DLPack (no copy), or None."""
+    try:
+        if hasattr(obj, "__cuda_array_interface__"):
+            return Resolved("cupy", _need_cupy(obj, what).asarray(obj), stream_framework(obj))
+        if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+            device = obj.__dlpack_device__()[0]
+            if device in (_DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED):
+                return Resolved("cupy", _need_cupy(obj, what).from_dlpack(obj), stream_framework(obj))
+            if device == _DLPACK_CPU:
+                return Resolved("numpy", np.from_dlpack(obj), stream_framework(obj))
+    except (RuntimeError, BufferError, ValueError) as exc:  # (TypeError passes: it is ours already)
+        dtype = getattr(obj, "dtype", "?")
+        raise TypeError(
+            f"{what} ({type_name(obj)} of dtype {dtype}) cannot be viewed without a copy: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; expected float16, "
+            "bfloat16, float32 or float64"
+        ) from None
+    return None
+
+
+def _check_torch_view(obj: object, what: str) -> None:
+    """A torch tensor with its negative or conjugate bit set (``z.conj().imag``) is a lazy view
+    whose DLPack export drops the bit, so its values would be read with the wrong sign."""
+    for bit, fix in (("is_neg", "resolve_neg"), ("is_conj", "resolve_conj")):
+        flag = getattr(obj, bit, None)
+        if callable(flag) and flag():
+            raise TypeError(
+                f"{what} is a torch tensor with its {bit[3:]} bit set (a lazy view such as z.conj().imag); "
+                f"pass t.{fix}() (a copy) instead"
+            )
+    dtype = str(getattr(obj, "dtype", ""))
+    if dtype.startswith("torch.") and dtype not in ("torch.float16", "torch.bfloat16", "torch.float32",
+                                                    "torch.float64"):
+        raise TypeError(f"{what} has dtype {dtype.removeprefix('torch.')}; expected float16, bfloat16, float32 or "
+                        "float64")
 
 
 def stream_framework(obj: object) -> str:

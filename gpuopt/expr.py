@@ -13,6 +13,7 @@ which splits the fused pass into a reduction plus an element-wise pass).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -59,13 +60,22 @@ class Graph:
         return node
 
 
-_current: list[Graph] = []  # the graph being traced into (a stack, for re-entrancy)
+class _Tracing(threading.local):
+    """Per thread: the graphs being traced into (a stack, for re-entrancy). Threads tracing
+    at the same time each build their own graph."""
+
+    def __init__(self) -> None:
+        self.stack: list[Graph] = []
+
+
+_current = _Tracing()
 
 
 def _graph() -> Graph:
-    if not _current:
+    stack = _current.stack
+    if not stack:
         raise RuntimeError("gpuopt expressions can only be built while a rule is traced")
-    return _current[-1]
+    return stack[-1]
 
 
 Operand = Union["Expr", float, int]
@@ -208,8 +218,8 @@ class tracing:
         self.graph = graph
 
     def __enter__(self) -> Graph:
-        _current.append(self.graph)
+        _current.stack.append(self.graph)
         return self.graph
 
     def __exit__(self, *exc: object) -> None:
-        _current.pop()
+        _current.stack.pop()

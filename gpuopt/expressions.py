@@ -63,7 +63,8 @@ _ALLOWED = (
 def _evaluate(node: ast.AST, source: str) -> Any:
     """Value of one node of an optimiser expression; ValueError for anything not allowed."""
     def text(n: ast.AST) -> str:
-        return ast.get_source_segment(source, n) or ast.dump(n)
+        whole = ast.get_source_segment(source, n) or ast.dump(n)
+        return whole if len(whole) <= 60 else f"{whole[:40]}...{whole[-12:]}"
 
     if isinstance(node, ast.Constant):
         value = node.value
@@ -72,8 +73,8 @@ def _evaluate(node: ast.AST, source: str) -> Any:
         raise ValueError(f"{text(node)!r} is not allowed: {_ALLOWED}")
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = _evaluate(node.operand, source)
-        if isinstance(value, Rule):
-            raise ValueError(f"{text(node)!r}: a sign applies to numbers, not rules")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{text(node)!r}: a sign applies to numbers, not to {_kind(value)}")
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, (ast.Tuple, ast.List)):
         values = tuple(_evaluate(e, source) for e in node.elts)
@@ -98,6 +99,8 @@ def _evaluate(node: ast.AST, source: str) -> Any:
         for kw in node.keywords:
             if kw.arg is None:
                 raise ValueError(f"{text(kw)!r}: **arguments are not allowed")
+            if kw.arg in kwargs:
+                raise ValueError(f"{text(node)!r}: keyword argument {kw.arg!r} repeated")
             kwargs[kw.arg] = _evaluate(kw.value, source)
         return _construct(cls, args, kwargs, text(node))
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
@@ -109,6 +112,10 @@ def _evaluate(node: ast.AST, source: str) -> Any:
     if isinstance(node, ast.Attribute):
         raise ValueError(f"{text(node)!r}: attribute access is not allowed; {_ALLOWED}")
     raise ValueError(f"{text(node)!r} is not allowed: {_ALLOWED}")
+
+
+def _kind(value: Any) -> str:
+    return "rules" if isinstance(value, Rule) else "tuples" if isinstance(value, tuple) else type(value).__name__
 
 
 def _construct(cls: type[Rule], args: list[Any], kwargs: dict[str, Any], where: str) -> Rule:

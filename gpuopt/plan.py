@@ -279,5 +279,7 @@ def plan(rule: Rule) -> Program:
     except TypeError:  # an unhashable structure(): trace every time rather than fail
         return _trace(leaves)
     if program is None:
-        program = _programs[key] = _trace(leaves)
+        # Threads may trace the same structure at once (each into its own graph): the first
+        # stored wins, so every caller runs one Program object.
+        program = _programs.setdefault(key, _trace(leaves))
     return program

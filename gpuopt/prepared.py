@@ -29,6 +29,7 @@ from typing import Any
 
 from .backends import get_backend
 from .backends.protocol import Job, PreparedLaunch
+from .memory import Disjoint
 from .plan import Program, plan
 from .rule import Rule, StepCount
 
@@ -110,6 +111,7 @@ class PreparedUpdate:
         self.param_pointers = param_kind.pointers(params) if param_kind.torch else None
         self.grad_types = list(map(type, grads))
         self.grad_layouts = grad_kind.layouts(grads)
+        self.param_memory = Disjoint([job.x for job in jobs], [job.g for job in jobs])  # new gradients: apart
         self._use_gradients(grads)
         # One step count per rule for every array of the update: they step together.
         self.counters = []
@@ -135,7 +137,10 @@ class PreparedUpdate:
         nothing, if any is not (None, another dtype, shape, layout or device)."""
         if list(map(type, grads)) != self.grad_types or not self.grad_kind.same_layouts(grads, self.grad_layouts):
             return False
-        self.launch.set_gradient_pointers(self.grad_kind.pointers(grads))
+        pointers = self.grad_kind.pointers(grads)
+        if self.param_memory.meets(pointers):
+            return False  # (the full path names the arrays that share memory, and refuses them)
+        self.launch.set_gradient_pointers(pointers)
         if ids == self.grad_ids:
             # Checked twice under the same ids: likely persistent (PyTorch's .grad), so watch
             # them (weak references cost as much as checking them once).
@@ -209,7 +214,10 @@ def prepare(opt: Rule, program: Program, params: Any, grads: Any, checked: list,
     if len({tuple(leaf.state_for(job.key).t for leaf in opt.leaves()) for job in jobs}) != 1:
         return  # step counts differ between arrays
     backend = get_backend(backends.pop())
-    launch = backend.prepare(program, jobs)
+    try:
+        launch = backend.prepare(program, jobs)
+    except MemoryError:  # the update itself is done: only its repetition stays unprepared
+        return
     if launch is None:
         return
     param_kind = _ArrayKind(param_types.pop(), launch.pointer)

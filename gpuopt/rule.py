@@ -21,11 +21,18 @@ arguments and changing them never recompiles anything.
 
 from __future__ import annotations
 
+import copy
+import difflib
+import functools
 import inspect
 import math
+import numbers
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
+
+import numpy as np
 
 from .expr import Expr
 
@@ -44,37 +51,70 @@ COPY_OF_PARAMETER = _CopyOfParameter()
 # -- hyperparameter checks: each raises ValueError with what was expected ----------------
 
 
+#: the largest integer a hyperparameter may hold: checkpoints store integers as int64
+INT_LIMIT = 2**63 - 1
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, shortened when it is long (a 400-digit integer)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:16]}...{text[-4:]} ({len(text)} characters)"
+
+
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    value = plain_number(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a finite real number, got {_show(value)}")
+    if isinstance(value, int) and abs(value) > INT_LIMIT:
+        raise ValueError(f"{name} must be at most {INT_LIMIT} as an integer (to be used and saved), "
+                         f"got {_show(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {_show(value)}")
     return value
 
 
 def non_negative(name: str, value: Any) -> None:
     if _number(name, value) < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+        raise ValueError(f"{name} must be >= 0, got {_show(value)}")
 
 
 def positive(name: str, value: Any) -> None:
     if _number(name, value) <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+        raise ValueError(f"{name} must be > 0, got {_show(value)}")
 
 
 def unit_interval(name: str, value: Any) -> None:
     if not 0 <= _number(name, value) < 1:
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+        raise ValueError(f"{name} must lie in [0, 1), got {_show(value)}")
 
 
 def beta_pair(name: str, value: Any) -> None:
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
-        raise ValueError(f"{name} must be a pair (beta1, beta2), got {value!r}")
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {_show(value)}")
     for i, b in enumerate(value):
         unit_interval(f"{name}[{i}]", b)
 
 
 def positive_integer(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT_LIMIT:
+        raise ValueError(f"{name} must be an integer in [1, {INT_LIMIT}], got {_show(value)}")
+
+
+def plain_number(value: Any) -> Any:
+    """A real number of any type (a NumPy scalar, a Fraction) as a Python int or float;
+    tuples and lists element-wise; anything else unchanged. bool stays bool (checks refuse it)."""
+    if isinstance(value, bool) or isinstance(value, np.bool_):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        try:
+            return float(value)
+        except OverflowError:
+            return value  # (an enormous Fraction): the check reports it
+    if isinstance(value, (tuple, list)):
+        return tuple(plain_number(v) for v in value)
+    return value
 
 
 class Hyper:
@@ -100,10 +140,9 @@ class Hyper:
         return obj.__dict__[self.name]
 
     def __set__(self, obj: Any, value: Any) -> None:
+        value = plain_number(value)
         if self.check is not None:
             self.check(self.name, value)
-        if isinstance(value, list):
-            value = tuple(value)
         obj.__dict__[self.name] = value
 
 
@@ -137,23 +176,76 @@ class ParamState:
         self.count = StepCount(value)
 
 
+def _memory_of(key: object) -> tuple[object, tuple] | None:
+    """(owner, layout) of an array's memory (see :mod:`gpuopt.memory`), or None."""
+    from .dispatch import resolve
+    from .memory import layout, memory_owner
+
+    try:
+        array = resolve(key, "parameter").array
+        return memory_owner(key, array), layout(array)
+    except Exception:  # not an array (or not one we can place): found by identity only
+        return None
+
+
+class _Changes(threading.local):
+    """Per thread: while a call runs (see gpuopt.guard), every entry a state map adds or
+    replaces, with what it held before, so that a call that raises can undo them."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[dict, object, object]] | None = None
+
+
+changes = _Changes()
+_MISSING = object()
+
+
+def _journal(table: dict, key: object) -> None:
+    log = changes.log
+    if log is not None:
+        log.append((table, key, table.get(key, _MISSING)))
+
+
+def undo(log: list[tuple[dict, object, object]]) -> None:
+    """Put the state maps back as they were before the changes in ``log``."""
+    for table, key, old in reversed(log):
+        if old is _MISSING:
+            table.pop(key, None)
+        else:
+            table[key] = old
+
+
 class IdentityWeakMap:
-    """A mapping keyed by object identity whose entries vanish with their key.
+    """Per-parameter state, found by the array object's identity or by its memory.
 
     Arrays cannot be keys of a WeakKeyDictionary (their == is element-wise), so entries are
-    keyed by id() and removed by a weakref callback when the array is collected.
+    keyed by id() and removed by a weakref callback when the array is collected. Each value is
+    also filed under its memory (owner, layout): a new object laid out over the same memory
+    (``x[...]``, torch's ``p.data``) finds the same state while the owner lives, rather than
+    silently starting afresh. The value goes when the owner and every object bound to it have.
     """
 
     def __init__(self) -> None:
         self._items: dict[int, tuple[weakref.ref, Any]] = {}
+        self._memory: dict[tuple, tuple[weakref.ref, Any]] = {}
 
     def get(self, key: object) -> Any:
         item = self._items.get(id(key))
-        if item is None or item[0]() is not key:
+        if item is not None and item[0]() is key:
+            return item[1]
+        if not self._memory:
             return None
-        return item[1]
+        memory = _memory_of(key)
+        if memory is None:
+            return None
+        owner, place = memory
+        found = self._memory.get((id(owner), place))
+        if found is None or found[0]() is not owner:
+            return None
+        self._bind(key, found[1])  # remembered, so the next lookup of this object is quick
+        return found[1]
 
-    def __setitem__(self, key: object, value: Any) -> None:
+    def _bind(self, key: object, value: Any) -> None:
         ident = id(key)
         items = self._items
 
@@ -161,13 +253,67 @@ class IdentityWeakMap:
             if items.get(ident, (None,))[0] is _ref:
                 del items[ident]
 
+        _journal(items, ident)
         items[ident] = (weakref.ref(key, forget), value)
 
+    def __setitem__(self, key: object, value: Any) -> None:
+        self._bind(key, value)
+        memory = _memory_of(key)
+        if memory is None:
+            return
+        owner, place = memory
+        where = (id(owner), place)
+        table = self._memory
+
+        def forget(_ref: weakref.ref, where: tuple = where) -> None:
+            if table.get(where, (None,))[0] is _ref:
+                del table[where]
+
+        _journal(table, where)
+        try:
+            table[where] = (weakref.ref(owner, forget), value)
+        except TypeError:  # an owner that cannot be referenced weakly: found by identity only
+            table.pop(where, None)
+
     def __len__(self) -> int:
-        return len(self._items)
+        """How many distinct states are held."""
+        # (copied first: a weakref callback may remove an entry at any allocation)
+        values = {id(v) for _, v in list(self._items.values())}
+        values.update(id(v) for _, v in list(self._memory.values()))
+        return len(values)
 
     def clear(self) -> None:
-        self._items.clear()
+        for table in (self._items, self._memory):
+            for key in list(table):
+                _journal(table, key)
+            table.clear()
+
+    def __deepcopy__(self, memo: dict) -> IdentityWeakMap:
+        # Keys are not copied (unless the same deepcopy copied them): the copy keeps its own
+        # weak entries for the same arrays, with callbacks into its own tables.
+        new = IdentityWeakMap()
+        memo[id(self)] = new
+        for ref, value in list(self._items.values()):
+            key = ref()
+            if key is not None:
+                new[memo.get(id(key), key)] = copy.deepcopy(value, memo)
+        for where, (ref, value) in list(self._memory.items()):
+            owner = ref()
+            if owner is not None and id(owner) not in memo and where not in new._memory:
+                def forget(_ref: weakref.ref, where: tuple = where, table: dict = new._memory) -> None:
+                    if table.get(where, (None,))[0] is _ref:
+                        del table[where]
+                new._memory[where] = (weakref.ref(owner, forget), copy.deepcopy(value, memo))
+        return new
+
+    def __reduce__(self) -> Any:
+        if len(self):
+            raise TypeError(
+                "an optimiser holding per-parameter state cannot be pickled (the state is keyed by "
+                "live arrays); save it with gpuopt.save_state, or pickle it before its first update "
+                "or after opt.reset()"
+            )
+        return (IdentityWeakMap, ())
 
 
 class Rule:
@@ -207,8 +353,14 @@ class Rule:
             params.append(inspect.Parameter(h.name, kind, default=default))
         if "__init__" not in vars(cls):  # a chain defines its own
             cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        else:
+            cls.__init__ = _constructing(vars(cls)["__init__"])  # type: ignore[method-assign]
 
     def __init__(self, *args: Any, **kwargs: Any):
+        with _building(self):
+            self._init(args, kwargs)
+
+    def _init(self, args: tuple, kwargs: dict) -> None:
         positional = [h for h in self._hypers if not h.keyword_only]
         name = type(self).__name__
         if len(args) > len(positional):
@@ -289,11 +441,130 @@ class Rule:
         self.state_version += 1
 
     def reset(self) -> None:
-        """Forget all per-parameter state."""
-        for leaf in self.leaves():
-            leaf._state.clear()
-            leaf.state_version += 1
+        """Forget all per-parameter state (waiting for an update in another thread to finish)."""
+        with holding(self, refuse_repeats=False):
+            for leaf in self.leaves():
+                leaf._state.clear()
+                leaf.state_version += 1
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
+
+    # -- attributes, copies -------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A misspelt or foreign hyperparameter name (opt.lr = ...) would otherwise be a new
+        # attribute that nothing reads: refuse it once the rule is built.
+        if (name.startswith("_") or name in self.__dict__ or hasattr(type(self), name)
+                or self.__dict__.get("_building")):
+            object.__setattr__(self, name, value)
+            return
+        raise AttributeError(_unknown_attribute(self, name))
+
+    def __getstate__(self) -> dict:
+        # Locks and prepared device tables belong to this object; a copy makes its own.
+        state = dict(self.__dict__)
+        state.pop("_update_lock", None)
+        state.pop("_lock_plan", None)
+        state.pop("_prepared", None)
+        state.pop("_building", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+#: other libraries' names for gpuopt's hyperparameters, for the hint in an AttributeError
+_FOREIGN_NAMES = {
+    "lr": ("eta",), "learning_rate": ("eta",), "betas": ("beta",), "momentum": ("rho",),
+    "alpha": ("rho",), "weight_decay": ("wd", "decay"), "max_norm": ("thresh",),
+    "clip_value": ("thresh",), "epsilon": ("eps",),
+}
+
+
+def _unknown_attribute(rule: Rule, name: str) -> str:
+    known = list(rule.hyperparameters())
+    hint = [k for k in _FOREIGN_NAMES.get(name, ()) if k in known] or difflib.get_close_matches(name, known, n=1)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    listed = ", ".join(known) if known else "none"
+    return (f"{type(rule).__name__} has no attribute {name!r}{suggestion} "
+            f"(its hyperparameters: {listed})")
+
+
+class _building:
+    """Marks a rule as under construction, when it may set attributes of its own."""
+
+    def __init__(self, rule: Rule):
+        self.d = rule.__dict__
+
+    def __enter__(self) -> None:
+        self.d["_building"] = self.d.get("_building", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.d["_building"] -= 1
+        if not self.d["_building"]:
+            del self.d["_building"]
+
+
+def _constructing(init: Callable) -> Callable:
+    @functools.wraps(init)
+    def wrapped(self: Rule, *args: Any, **kwargs: Any) -> None:
+        with _building(self):
+            init(self, *args, **kwargs)
+
+    return wrapped
+
+
+# -- one update at a time per rule ---------------------------------------------------------
+
+_LOCK_CREATION = threading.Lock()
+
+
+def _lock_of(rule: Rule) -> threading.Lock:
+    lock = rule.__dict__.get("_update_lock")
+    if lock is None:
+        with _LOCK_CREATION:
+            lock = rule.__dict__.setdefault("_update_lock", threading.Lock())
+    return lock
+
+
+class holding:
+    """Holds the locks of ``opt`` and of every rule it runs, for one update or apply.
+
+    Rules shared between optimisers (a chain and its slice) are locked too, always in the
+    same order (by id), so two threads never wait on each other's locks in a cycle. Also
+    refuses a chain that runs one rule object twice (see Optimiser).
+    """
+
+    __slots__ = ("locks", "rules")
+
+    def __init__(self, opt: Rule, refuse_repeats: bool = True):
+        leaves = opt.leaves()
+        cached = opt.__dict__.get("_lock_plan")  # (leaves, locks): chains change rarely
+        if cached is None or cached[0] != leaves:
+            by_id = {id(leaf): leaf for leaf in leaves}
+            if len(by_id) != len(leaves) and refuse_repeats:
+                raise ValueError(repeated_rule_message(leaves))
+            by_id[id(opt)] = opt
+            locks = [_lock_of(by_id[k]) for k in sorted(by_id)]
+            cached = (leaves, locks)
+            if len(by_id) == len(leaves) + (opt not in leaves):  # (the leaves, not opt: no cycle)
+                opt.__dict__["_lock_plan"] = cached
+        self.locks = cached[1]
+        self.rules = leaves if opt in leaves else (opt, *leaves)  # what a call may change
+
+    def __enter__(self) -> None:
+        for lock in self.locks:
+            lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+
+def repeated_rule_message(leaves: tuple[Rule, ...]) -> str:
+    seen: set[int] = set()
+    twice = next(leaf for leaf in leaves if id(leaf) in seen or seen.add(id(leaf)))
+    return (f"this chain runs the same {type(twice).__name__} object twice; its state would advance "
+            f"twice per step: use two separate rules, e.g. {type(twice).__name__}(...) twice")

@@ -254,9 +254,9 @@ class Optimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {index} has {len(group['params'])} parameters but the "
                                  f"state_dict's has {len(saved['params'])}")
-            members = checkpoint._read(io.BytesIO(blob.cpu().numpy().tobytes()))
-            plans.append(checkpoint._plan(group["rule"], list(group["params"]), members, True,
-                                          f"of param group {index}"))
+            plans.append(checkpoint._planned(group["rule"], list(group["params"]),
+                                             io.BytesIO(blob.cpu().numpy().tobytes()), True,
+                                             f"of param group {index}"))
             for key, value in saved.items():
                 if key in group.bindings:
                     leaf, name = group.bindings[key]

@@ -209,7 +209,10 @@ class ClipNorm(RefRule):
         self.thresh = thresh
 
     def rule(self, t, x, d, s):
-        n = math.sqrt(float(np.sum(d * d)))
+        largest = float(np.max(np.abs(d))) if d.size else 0.0
+        # scaled by the largest element, so that the float64 reference never overflows either
+        n = largest * math.sqrt(float(np.sum((d / largest) ** 2))) if largest and math.isfinite(largest) \
+            else largest
         return d * self.thresh / n if n > self.thresh else d
 
 

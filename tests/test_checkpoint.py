@@ -431,3 +431,117 @@ def test_numpy_to_cupy_and_back() -> None:
     assert isinstance(back[1].state_for(y).slots, np.ndarray)
     assert np.array_equal(back[1].state_for(y).slots, opt[1].state_for(x).slots)
     assert back[0].eta == opt[0].eta and back[0].decayed_at == opt[0].decayed_at
+
+
+# -- hostile files: every malformed checkpoint raises CheckpointError, changing nothing --------
+
+
+def _load_outcome(data: bytes) -> tuple[str, list]:
+    """("ok" or "refused", the target's snapshot after the attempt); any other error escapes."""
+    opt, params = _target()
+    before = _snapshot(opt, list(params.values()))
+    try:
+        load_state(opt, params, io.BytesIO(data))
+    except CheckpointError as exc:
+        assert "\n" not in str(exc)
+        assert _equal(before, _snapshot(opt, list(params.values()))), f"a refused load changed something: {exc}"
+        return "refused", before
+    return "ok", _snapshot(opt, list(params.values()))
+
+
+def test_truncated_files_are_refused(trained) -> None:
+    _, _, data = trained
+    for cut in sorted({*range(0, len(data), max(1, len(data) // 60)), len(data) - 1, len(data) - 22}):
+        assert _load_outcome(data[:cut])[0] == "refused", f"truncated at {cut} of {len(data)}"
+
+
+def test_flipped_bytes_are_refused_or_harmless(trained) -> None:
+    """A flipped byte anywhere is refused, or (in a field zip does not check, such as a
+    timestamp) the load gives exactly what the intact file gives."""
+    _, _, data = trained
+    _, intact = _load_outcome(data)
+    refused = 0
+    for offset in range(0, len(data), max(1, len(data) // 150)):
+        damaged = bytearray(data)
+        damaged[offset] ^= 0x5A
+        outcome, after = _load_outcome(bytes(damaged))
+        refused += outcome == "refused"
+        assert outcome == "refused" or _equal(after, intact), f"byte {offset}: a different state loaded"
+    assert refused > 100
+
+
+def _replacements() -> list[tuple[str, np.ndarray]]:
+    return [("vector", np.array([1, 2])), ("text", np.array("abc")), ("matrix", np.zeros((2, 2))),
+            ("float", np.array(1.5)), ("bool", np.array(True)), ("empty", np.zeros(0))]
+
+
+def test_every_member_replaced_by_a_wrong_type_or_shape(trained) -> None:
+    opt, params, data = trained
+    names = sorted(_members(io.BytesIO(data)))  # type: ignore[arg-type]
+    for name in names:
+        for kind, value in _replacements():
+            outcome, after = _load_outcome(_tampered(data, **{name: value}).getvalue())
+            if outcome == "ok":  # only a float where a float belongs may load, and then it is used
+                assert kind == "float" and (".hyper." in name or ".host." in name), (name, kind)
+                assert any(isinstance(v, dict) and 1.5 in v.values() for v in after), (name, kind)
+
+
+def test_host_state_of_the_wrong_type_is_refused(trained) -> None:
+    _, _, data = trained
+    for value in (np.array("abc"), np.array(2.5), np.array([1, 2])):
+        outcome, _ = _load_outcome(_tampered(data, **{"rule1.host.decayed_at": value}).getvalue())
+        assert outcome == "refused"
+
+
+def _with_forged_header(data: bytes, name: str, shape: tuple, dtype: str = "<f4") -> bytes:
+    """The archive with member ``name`` replaced by a header claiming ``shape`` and 16 bytes."""
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False, "shape": shape})
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            body = header.getvalue() + bytes(16) if info.filename == f"{name}.npy" else src.read(info)
+            dst.writestr(info.filename, body)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name, shape, dtype", [
+    ("rule2.param0.slots", (2, 5 * 10**12), "<f4"),  # sizes checked before data is read
+    ("rule2.param0.slots", (2, 6), "<f4"),  # the right shape, but its bytes are missing
+    ("rule2.param0.t", (10**13,), "<i8"),
+    ("keys.utf8", (10**13,), "|u1"),
+    ("rules", (), "<U1000000000"),
+    ("param0.shape", (10**12,), "<i8"),
+])
+def test_oversized_headers_are_refused_before_reading(trained, name, shape, dtype) -> None:
+    _, _, data = trained
+    outcome, _ = _load_outcome(_with_forged_header(data, name, shape, dtype))
+    assert outcome == "refused"
+
+
+def test_threads_saving_to_one_path(tmp_path: Path, trained) -> None:
+    import threading
+
+    opt, params, _ = trained
+    path = tmp_path / "state.ckpt"
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def save() -> None:
+        try:
+            start.wait()
+            for _ in range(10):
+                save_state(opt, params, path)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.ckpt"]
+    assert _load_outcome(path.read_bytes())[0] == "ok"

@@ -228,3 +228,45 @@ def test_python_dash_m_demo() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert STEP_LINE.search(proc.stdout) and FINAL_LINE.search(proc.stdout), proc.stdout
+
+
+# -- command-line errors: one line naming the argument, exit status 2, no traceback ------------
+
+CLI_ERRORS = [
+    (["demo", "--seed", "-1"], r"argument --seed: expected an integer >= 0, got '-1'"),
+    (["demo", "--classes", "1"], r"argument --classes: expected an integer >= 2, got '1'"),
+    (["demo", "--optimiser", "ADAM(eta=1e-3, eta=2)"], r"--optimiser.*keyword argument 'eta' repeated"),
+    (["demo", "--optimiser", "ADAM(beta=-(0.9, 0.99))"], r"--optimiser.*a sign applies to numbers, not to tuples"),
+    (["demo", "--optimiser", "Descent(1" + "0" * 400 + ")"], r"--optimiser.*eta must be at most"),
+    (["demo", "--optimiser", "ADAM(1e400)"], r"--optimiser.*eta must be a finite real number"),
+    (["bench", "--json", "/missing-dir-gpuopt/b.json"], r"--json: directory '/missing-dir-gpuopt' does not exist"),
+    (["bench", "--plot", "/missing-dir-gpuopt/b.png"], r"--plot: directory '/missing-dir-gpuopt' does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", CLI_ERRORS, ids=[" ".join(c[0])[:40] for c in CLI_ERRORS])
+def test_command_line_errors_are_one_line(argv, expected, capsys, monkeypatch):
+    from gpuopt import bench
+
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: pytest.fail("measured before checking its options"))
+    monkeypatch.setattr(demo, "train", lambda *a, **k: pytest.fail("trained with a bad option"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no message"
+    assert "Traceback" not in "\n".join(err)
+    assert re.search(expected, err[-1]), err[-1]
+    assert len(err[-1]) < 300
+
+
+def test_plot_file_name_printed_is_the_file_written(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    tiny = ["bench", "--backend", "numpy", "--sizes", "8", "--rules", "Descent", "--repeats", "1", "--warmup", "0",
+            "--no-model", "--no-baselines", "--no-torch", "--quiet"]
+    assert main([*tiny, "--plot", str(tmp_path / "x")]) == 0
+    assert f"wrote {tmp_path / 'x.png'}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+    folder = tmp_path / "plots"
+    assert main([*tiny, "--plot", f"{folder}/", "--json", f"{folder}/"]) == 0
+    written = sorted(p.name for p in folder.iterdir())
+    assert len(written) == 2 and all(not name.startswith(".") for name in written)
+    assert {name.rsplit(".", 1)[1] for name in written} == {"png", "json"}

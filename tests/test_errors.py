@@ -285,3 +285,280 @@ def test_snapshot_sees_every_kind_of_change():
     extra = np.ones(2)
     gpuopt.update(opt, extra, np.ones(2))
     assert snapshot(opt, params, grads)["state"][-1][2] == before["state"][-1][2] + 1
+
+
+# -- all-or-nothing: a failure injected at every stage of a call changes nothing -------------
+
+
+class FailOn:
+    """Wraps ``original``; its ``n``-th call (counting from 0) raises ``error`` instead."""
+
+    def __init__(self, original: Callable, n: int, error: BaseException):
+        self.original, self.n, self.error, self.calls = original, n, error, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls - 1 == self.n:
+            raise self.error
+        return self.original(*args, **kwargs)
+
+
+def strided_setup() -> tuple[gpuopt.Optimiser, list[np.ndarray], list[np.ndarray]]:
+    """Warmed-up parameters that are not contiguous (each step copies them), plus two new
+    parameters (the step creates their state), with a schedule that decays on this step."""
+    opt, params, grads = warmed_up()
+    rng = np.random.default_rng(5)
+    params = params + [rng.standard_normal((6, 4)).T, rng.standard_normal((3, 10))[:, ::2]]
+    grads = grads + [rng.standard_normal((4, 6)), rng.standard_normal((3, 5))]
+    return opt, params, grads
+
+
+def _stages() -> list[tuple[str, Any, str]]:
+    from gpuopt.backends import numpy_backend
+
+    return [
+        ("state-allocation", numpy_backend.NumpyBackend, "full_state"),
+        ("contiguous-copy", numpy_backend.np, "ascontiguousarray"),
+        ("executor", numpy_backend, "executor"),
+        ("scratch", numpy_backend, "_Scratch"),
+    ]
+
+
+@pytest.mark.parametrize("stage", range(4), ids=[s[0] for s in _stages()])
+@pytest.mark.parametrize("call", ["update", "apply"])
+def test_failure_at_every_stage_changes_nothing(stage, call, monkeypatch):
+    """The n-th call of the stage fails, for every n the step makes; then one that succeeds."""
+    from gpuopt.backends import numpy_backend
+
+    name, owner, attribute = _stages()[stage]
+    n = 0
+    while True:
+        opt, params, grads = strided_setup()
+        numpy_backend.executor.cache_clear()  # so that scratch buffers are allocated in this call
+        before = snapshot(opt, params, grads)
+        failing = FailOn(getattr(owner, attribute), n, MemoryError("injected"))
+        monkeypatch.setattr(owner, attribute, failing)
+        try:
+            if call == "update":
+                gpuopt.update(opt, params, grads)
+            else:
+                gpuopt.apply(opt, params[-1], grads[-1])
+        except MemoryError as exc:
+            assert str(exc) == "injected"
+            assert snapshot(opt, params, grads) == before, f"{name}: failure at call {n} changed something"
+            n += 1
+            continue
+        finally:
+            monkeypatch.undo()
+        assert n > 0, f"{name}: the step never reached this stage"
+        assert snapshot(opt, params, grads) != before  # the step that did not fail did change things
+        break
+
+
+class FailingDevice:
+    """A kernel device whose compile or launch fails: the kernel backend must fail before
+    writing (NumPy arrays stand in for device memory)."""
+
+    xp = np
+    threads = 8
+    max_blocks = 2
+
+    def __init__(self, fail_at: str):
+        self.fail_at = fail_at
+
+    def kernel(self, source: str, name: str) -> Callable:
+        if self.fail_at == "compile":
+            raise RuntimeError("injected compile failure")
+
+        def launch(blocks: int, threads: int, args: Any) -> None:
+            raise RuntimeError("injected launch failure")
+
+        return launch
+
+    @staticmethod
+    def pointer(array: np.ndarray) -> int:
+        return array.ctypes.data
+
+
+@pytest.mark.parametrize("fail_at", ["compile", "launch"])
+def test_failing_kernel_changes_nothing(fail_at, monkeypatch):
+    from gpuopt.backends.kernel_backend import KernelBackend
+
+    opt, params, grads = strided_setup()
+    backend = KernelBackend(FailingDevice(fail_at))
+    monkeypatch.setattr(gpuopt.api, "get_backend", lambda name: backend)
+    before = snapshot(opt, params, grads)
+    with pytest.raises(RuntimeError, match=f"injected {fail_at} failure"):
+        gpuopt.update(opt, params, grads)
+    assert snapshot(opt, params, grads) == before
+
+
+# -- hyperparameters: any real number, stored as a Python number, within savable limits ------
+
+LIMIT_CASES = [
+    ("Descent", (10**400,), {}, "eta"),
+    ("Descent", (2**64,), {}, "eta"),
+    ("Descent", (True,), {}, "eta"),
+    ("Descent", (np.bool_(True),), {}, "eta"),
+    ("ExpDecay", (), {"decay_step": 10**400}, "decay_step"),
+    ("ExpDecay", (), {"decay_step": 2**64}, "decay_step"),
+    ("ExpDecay", (), {"decay_step": np.float64(10.0)}, "decay_step"),
+    ("ADAM", (), {"beta": (np.float32(0.9), 10**400)}, r"beta\[1\]"),
+]
+
+
+@pytest.mark.parametrize("name, args, kwargs, hyper", LIMIT_CASES,
+                         ids=[f"{n}-{h}-{i}" for i, (n, _, _, h) in enumerate(LIMIT_CASES)])
+def test_hyperparameter_beyond_what_can_be_used_or_saved(name, args, kwargs, hyper):
+    with pytest.raises(ValueError, match=rf"^{hyper} must") as info:
+        getattr(gpuopt, name)(*args, **kwargs)
+    assert len(str(info.value)) < 200 and "\n" not in str(info.value)
+
+
+NUMBER_CASES = [  # (constructor, attribute, value given, Python type kept)
+    (lambda v: gpuopt.Descent(v), "eta", np.float32(0.25), float),
+    (lambda v: gpuopt.Descent(v), "eta", np.float16(0.5), float),
+    (lambda v: gpuopt.Descent(v), "eta", np.int64(2), int),
+    (lambda v: gpuopt.ExpDecay(decay_step=v), "decay_step", np.int64(10), int),
+    (lambda v: gpuopt.ExpDecay(decay_step=v), "decay_step", np.uint8(7), int),
+    (lambda v: gpuopt.ADAM(beta=v), "beta", (np.float64(0.9), np.float32(0.5)), tuple),
+    (lambda v: gpuopt.ADAMW(decay=v), "decay", np.float32(0.125), float),
+]
+
+
+@pytest.mark.parametrize("make, attribute, value, kind", NUMBER_CASES,
+                         ids=[f"{c[1]}-{type(c[2]).__name__}" for c in NUMBER_CASES])
+def test_numpy_scalars_are_accepted_as_python_numbers(make, attribute, value, kind):
+    from fractions import Fraction
+
+    opt = make(value)
+    stored = getattr(opt, attribute)
+    assert type(stored) is kind and stored == (tuple(float(v) for v in value) if kind is tuple else value)
+    setattr(opt, attribute, value)  # the same by assignment
+    assert type(getattr(opt, attribute)) is kind
+    if kind is float:
+        setattr(opt, attribute, Fraction(1, 8))
+        assert getattr(opt, attribute) == 0.125 and type(getattr(opt, attribute)) is float
+
+
+def test_exponential_growth_stops_at_the_largest_float():
+    opt = gpuopt.ExpDecay(eta=10.0, decay=1e308, decay_step=2, clip=0.0)
+    x = np.zeros(3)
+    for _ in range(6):
+        gpuopt.update(opt, x, np.ones(3))
+    assert opt.eta == np.finfo(np.float64).max
+
+
+# -- clear errors from the API ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, hint", [("lr", "eta"), ("learning_rate", "eta"), ("etaa", "eta"),
+                                        ("betas", "beta"), ("momentum", "rho")])
+def test_unknown_attribute_is_refused_with_a_hint(name, hint):
+    opt = gpuopt.Momentum() if hint == "rho" else gpuopt.ADAM()
+    before = repr(opt)
+    with pytest.raises(AttributeError, match=rf"has no attribute '{name}'; did you mean '{hint}'\?"):
+        setattr(opt, name, 1e-4)
+    assert repr(opt) == before and name not in vars(opt)
+
+
+def test_custom_rules_may_keep_their_own_attributes():
+    class Scaled(gpuopt.Rule):
+        eta = gpuopt.Hyper(1.0)
+
+        def __init__(self, eta=1.0, *, label="scaled"):
+            self.label = label  # set in its own constructor: allowed
+            super().__init__(eta)
+
+        def step(self, d, x, s, h):
+            return h.eta * d
+
+    rule = Scaled(label="mine")
+    rule.label = "renamed"  # an attribute it has is assignable
+    assert rule.label == "renamed"
+    with pytest.raises(AttributeError, match="did you mean 'eta'"):
+        rule.lr = 1.0
+
+
+def test_a_rule_class_instead_of_a_rule():
+    x = np.ones(3)
+    with pytest.raises(TypeError, match=r"opt is the class ADAM, not an optimiser.*ADAM\(\)"):
+        gpuopt.update(gpuopt.ADAM, x, np.ones(3))
+    with pytest.raises(TypeError, match=r"class Descent.*Descent\(\)"):
+        gpuopt.apply(gpuopt.Descent, x, np.ones(3))
+    np.testing.assert_array_equal(x, 1.0)
+
+
+@pytest.mark.parametrize("cupy, gpu, expected", [(None, False, "needs CuPy"), (object(), False, "usable GPU")])
+def test_count_launches_says_what_it_needs(cupy, gpu, expected, monkeypatch):
+    monkeypatch.setattr(gpuopt.api, "cupy_module", lambda: cupy)
+    monkeypatch.setattr(gpuopt.api, "gpu_available", lambda: gpu)
+    with pytest.raises(RuntimeError, match=expected):
+        gpuopt.count_launches()
+
+
+def _adam_inv() -> tuple[gpuopt.ADAM, gpuopt.InvDecay]:
+    return gpuopt.ADAM(), gpuopt.InvDecay()
+
+
+REPEAT_CASES = [
+    ("twice", lambda a, i: gpuopt.Optimiser(i, i)),
+    ("nested", lambda a, i: gpuopt.Optimiser(a, gpuopt.Optimiser(i, a))),
+    ("append", lambda a, i: gpuopt.Optimiser(i, a).append(a)),
+    ("extend", lambda a, i: gpuopt.Optimiser(i).extend([a, i])),
+    ("insert", lambda a, i: gpuopt.Optimiser(i, a).insert(0, i)),
+    ("setitem", lambda a, i: gpuopt.Optimiser(i, a, gpuopt.Descent()).__setitem__(2, a)),
+]
+
+
+@pytest.mark.parametrize("case_id, build", REPEAT_CASES, ids=[c[0] for c in REPEAT_CASES])
+def test_one_rule_object_twice_in_a_chain_is_refused(case_id, build):
+    adam, inv = _adam_inv()
+    with pytest.raises(ValueError, match=r"same (ADAM|InvDecay) object twice"):
+        build(adam, inv)
+
+
+def test_a_chain_changed_through_a_nested_chain_is_refused_at_update():
+    adam, inv = _adam_inv()
+    inner = gpuopt.Optimiser(inv)
+    outer = gpuopt.Optimiser(inner, adam)
+    x, g = np.ones(3), np.ones(3)
+    gpuopt.update(outer, x, g)
+    inner.append(adam)  # the inner chain cannot see the outer one
+    before = snapshot(outer, [x], [g])
+    with pytest.raises(ValueError, match="same ADAM object twice"):
+        gpuopt.update(outer, x, g)
+    assert snapshot(outer, [x], [g]) == before
+
+
+# -- copies and pickles ----------------------------------------------------------------------
+
+
+def test_deepcopy_is_independent_with_its_own_weak_entries():
+    import copy
+    import gc
+
+    opt, params, grads = warmed_up()
+    twin = copy.deepcopy(opt)
+    saved = snapshot(opt, params, grads)
+    assert snapshot(twin, params, grads) == saved
+    gpuopt.update(twin, params[:1], grads[:1])
+    assert snapshot(opt, params, grads)["state"] == saved["state"]  # the original did not move
+    del params[0], grads[0]
+    gc.collect()
+    assert all(len(leaf._state) == 3 for leaf in twin.leaves() if leaf.state)  # the copy forgot it too
+
+
+def test_pickling_state_is_refused_but_a_fresh_rule_pickles():
+    import pickle
+
+    opt, params, grads = warmed_up()
+    with pytest.raises(TypeError, match="cannot be pickled.*save_state"):
+        pickle.dumps(opt)
+    fresh = make_optimiser()
+    again = pickle.loads(pickle.dumps(fresh))
+    assert repr(again) == repr(fresh)
+    x = np.ones(4)
+    gpuopt.update(again, x, np.ones(4))  # works, with locks of its own
+    opt.reset()
+    assert repr(pickle.loads(pickle.dumps(opt))) == repr(opt)

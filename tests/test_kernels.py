@@ -22,6 +22,7 @@ from gpuopt.plan import plan
 from .cases import ALL, CHAINS, OPTIMISERS, RULES, SignMomentum
 from .conftest import missing as _missing
 from .emulation import device as emulation
+from .test_rules import CLIPNORM_OVERFLOW, clipnorm_overflow_check
 
 DTYPES = [np.dtype(np.float16), dtypes.BFLOAT16, np.dtype(np.float32), np.dtype(np.float64)]
 
@@ -594,3 +595,59 @@ def test_subnormal_state_is_kept_as_numpy_keeps_it(on_kernels):
     v = s_numpy[1]
     assert np.all((v > 0) & (v < np.finfo(np.float32).tiny))  # subnormal, not zero
     assert np.array_equal(s_kernels, s_numpy) and np.array_equal(x_kernels, x_numpy)
+@pytest.mark.parametrize("dtype, size, thresh", CLIPNORM_OVERFLOW,
+                         ids=[f"{np.dtype(c[0]).name}-{c[1]:g}" for c in CLIPNORM_OVERFLOW])
+def test_clipnorm_norm_never_overflows_in_the_cuda_text(dtype, size, thresh, on_kernels):
+    on_kernels(True)
+    clipnorm_overflow_check(dtype, size, thresh)
+
+
+def test_prepared_update_refuses_new_gradients_that_share_memory(on_kernels):
+    """New gradient arrays swapped into a prepared update are checked against the parameters:
+    one inside a parameter sends the call through the full check, which refuses it."""
+    on_kernels(True)
+    opt = gpuopt.ADAM(0.1)
+    params = [np.ones(64, np.float32), np.ones(32, np.float32)]
+    grads = [np.full(64, 0.5, np.float32), np.full(32, 0.5, np.float32)]
+    gpuopt.update(opt, params, grads)
+    gpuopt.update(opt, params, grads)
+    assert "_prepared" in vars(opt)
+    before, t = [p.copy() for p in params], opt.state_for(params[0]).t
+    bad = [np.full(64, 0.5, np.float32), params[0][:32]]  # like the old one, but inside params[0]
+    with pytest.raises(ValueError, match=r"params\[0\] shares memory with the gradient of params\[1\]"):
+        gpuopt.update(opt, params, bad)
+    assert all(np.array_equal(a, b) for a, b in zip(params, before)) and opt.state_for(params[0]).t == t
+    fresh = [np.full(64, 0.25, np.float32), np.full(32, 0.25, np.float32)]
+    gpuopt.update(opt, params, fresh)  # new arrays of their own: taken by the prepared update
+    assert vars(opt)["_prepared"].grad_ids == tuple(map(id, fresh))
+    assert opt.state_for(params[0]).t == t + 1
+
+
+def test_threads_through_the_kernel_backend_match_sequential(on_kernels):
+    """Separate optimisers in several threads, through the kernel backend (the CUDA text on
+    the CPU) and its shared table and module caches: exactly the sequential results."""
+    import threading
+
+    on_kernels(True)
+
+    def run(i: int, out: list) -> None:
+        rng = np.random.default_rng(i)
+        opt = CHAINS["ClipNorm+ADAM"]()
+        params = [rng.standard_normal(n).astype(np.float32) for n in (300 + i, 70, 5000)]
+        for _ in range(4):
+            gpuopt.update(opt, params, [rng.standard_normal(p.shape).astype(np.float32) for p in params])
+        out.append(params)
+
+    expected: list = []
+    for i in range(4):
+        run(i, expected)
+    got: list[list] = [[] for _ in range(4)]
+    threads = [threading.Thread(target=run, args=(i, got[i])) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for want, have in zip(expected, got):
+        assert len(have) == 1
+        for a, b in zip(want, have[0]):
+            np.testing.assert_array_equal(a, b)

@@ -452,3 +452,31 @@ def test_inv_decay_divides_by_one_plus_gamma_n(make, gamma):
     for n in range(1, 11):
         out = gpuopt.apply(opt, x, np.ones(3))
         np.testing.assert_allclose(out, 1 / (1 + gamma * n), rtol=1e-15)
+
+
+# -- ClipNorm's norm does not overflow ---------------------------------------------------------
+
+#: (dtype, element size, thresh): the sum of squares overflows the compute type in all but the last
+CLIPNORM_OVERFLOW = [
+    (np.float32, 1e20, 2.0), (np.float32, 3e38, 2.0), (np.float16, 6e4, 2.0),
+    (np.float64, 1e200, 2.0), (np.float64, 1e307, 1e300), (np.float32, 1.0, 0.5),
+]
+
+
+def clipnorm_overflow_check(dtype, size, thresh):
+    """A step of norm ``thresh`` along ``d``, for a single array and inside a collection."""
+    d = np.array([size, -size, size, size / 2], dtype)
+    expected = -d.astype(np.float64) * (thresh / (size * 3.25**0.5))
+    x = np.zeros(4, dtype)
+    gpuopt.update(gpuopt.ClipNorm(thresh), x, d)
+    params = [np.zeros(4, dtype), np.zeros(3, dtype)]
+    gpuopt.update(gpuopt.ClipNorm(thresh), params, [d, np.ones(3, dtype)])
+    rtol = 2e-3 if dtype == np.float16 else 1e-6
+    for got in (x, params[0]):
+        np.testing.assert_allclose(got.astype(np.float64), expected, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype, size, thresh", CLIPNORM_OVERFLOW,
+                         ids=[f"{np.dtype(c[0]).name}-{c[1]:g}" for c in CLIPNORM_OVERFLOW])
+def test_clipnorm_norm_never_overflows(dtype, size, thresh):
+    clipnorm_overflow_check(dtype, size, thresh)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from operator import attrgetter
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 from .kernel_backend import MAX_BLOCKS, THREADS_PER_BLOCK, KernelBackend
 from .nvrtc import cached_module_file, elementwise_options, target_arch
 from .strided import StridedKernel
+
+_COMPILING = threading.Lock()
 
 
 class CupyDevice:
@@ -33,12 +36,19 @@ class CupyDevice:
         self.xp = cupy
         self.compiles = 0  # modules compiled by this process (tests check eta never adds one)
 
-    @functools.cache  # noqa: B019 - one device object lives for the process
     def _module(self, source: str, gpu: int) -> Any:
-        self.compiles += 1
-        capability = int(self.xp.cuda.Device(gpu).compute_capability)
-        arch, binary = target_arch(capability, prefer_cupy=True)
-        return self.xp.RawModule(path=str(cached_module_file(source, arch, binary, prefer_cupy=True)))
+        modules = self.__dict__.setdefault("_modules", {})
+        module = modules.get((source, gpu))
+        if module is None:
+            with _COMPILING:  # threads asking for one new module compile and load it once
+                module = modules.get((source, gpu))
+                if module is None:
+                    self.compiles += 1
+                    capability = int(self.xp.cuda.Device(gpu).compute_capability)
+                    arch, binary = target_arch(capability, prefer_cupy=True)
+                    module = modules[(source, gpu)] = self.xp.RawModule(
+                        path=str(cached_module_file(source, arch, binary, prefer_cupy=True)))
+        return module
 
     @functools.cache  # noqa: B019 - looked up on every launch
     def _function(self, source: str, name: str, gpu: int) -> Any:

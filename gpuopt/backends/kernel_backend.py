@@ -23,6 +23,8 @@ nothing (the host-time benchmark), so tables, chunking and placement are tested 
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -160,6 +162,9 @@ class KernelBackend:
         self._tables: dict[tuple[str, int], _Tables] = {}  # by module source and device
         self._counters: list[LaunchCounter] = []
         self._null: dict[int, Any] = {}
+        # The cached tables are shared by every thread: building or replacing them is one
+        # thread at a time (launchers keep their own references, so launching needs no lock).
+        self._lock = threading.RLock()
 
     # -- what the API layer needs --------------------------------------------------------
 
@@ -191,9 +196,14 @@ class KernelBackend:
             self._check_stream(device, place.caller_stream(framework, device))
 
     def run(self, program: Program, jobs: Sequence[Job], apply: bool) -> None:
+        # Every copy, table and kernel of every group first, then the launches: a failed
+        # allocation or compile comes before anything is written.
         place = self.placement
+        staged = []
         for (device, framework), placed in _placement_groups(place, jobs).items():
-            with place.scope(device, place.caller_stream(framework, device)):
+            stream = place.caller_stream(framework, device)
+            launches: list[Callable[[], None]] = []
+            with place.scope(device, stream):
                 for (param, grad), positions in _dtype_groups(placed).items():
                     group = [placed[i] for i in positions]
                     # (bfloat16 lives in uint16 views, which CuPy's element-wise kernels would
@@ -204,14 +214,17 @@ class KernelBackend:
                             if job.x.flags.c_contiguous and job.g.flags.c_contiguous:
                                 contiguous.append(job)
                             else:
-                                self._strided(program, param, grad, job, apply)
+                                launches.append(functools.partial(self._strided, program, param, grad, job, apply))
                         group = contiguous
                     flat = [(job, _contiguous(self.xp, job.x), _contiguous(self.xp, job.g)) for job in group]
-                    launch = self._group_launcher(program, param, grad, flat, apply, device)
-                    launch([job.scalars for job in group])
-                    for job, x, _ in flat:  # kernels need contiguous memory; others went through a copy
-                        if x is not job.x and not apply:
-                            job.x[...] = x
+                    with self._lock:
+                        launch = self._group_launcher(program, param, grad, flat, apply, device)
+                    launches.append(functools.partial(_launch_group, launch, group, flat, apply))
+            staged.append((device, stream, launches))
+        for device, stream, launches in staged:
+            with place.scope(device, stream):
+                for run_launch in launches:
+                    run_launch()
 
     def prepare(self, program: Program, jobs: Sequence[Job]) -> PreparedKernels | None:
         """Launches for repeating this update on the same parameters: tables are built now
@@ -261,17 +274,18 @@ class KernelBackend:
             )
 
     def _launch(self, source: str, name: str, blocks: int, args: Sequence[Any]) -> None:
-        for counter in self._counters:
+        for counter in tuple(self._counters):  # (a copy: another thread may leave its counter)
             counter.launches += 1
             counter.names.append(name)
         self.device.kernel(source, name)(blocks, self.device.threads, args)
 
     def _placeholder(self, device: int) -> Any:
         # Passed where a kernel takes a pointer it will not use (totals, out when updating).
-        null = self._null.get(device)
-        if null is None:
-            with self.placement.scope(device, None):
-                null = self._null[device] = self.xp.zeros(1, dtype=np.float64)
+        with self._lock:
+            null = self._null.get(device)
+            if null is None:
+                with self.placement.scope(device, None):
+                    null = self._null[device] = self.xp.zeros(1, dtype=np.float64)
         return null
 
     def _group_launcher(self, program: Program, param: np.dtype, grad: np.dtype, flat: list[tuple],
@@ -283,7 +297,12 @@ class KernelBackend:
         live = [flat[i] for i in kept]
         source = self._source(program, param, grad, apply)
         ct = compute_dtype(param)
-        if len(live) == 1 and not program.levels:
+        single = len(live) == 1 and not program.levels
+        names = ["gpuopt_elementwise"] if single else ["gpuopt_multi_reduce"] * bool(program.levels) + [
+            "gpuopt_multi_tensor"]
+        for name in names:  # compiled now, so that a failing compile comes before any write
+            self.device.kernel(source, name)
+        if single:
             launch = self._elementwise(source, ct, live[0], apply, device)
         else:
             launch = _MultiTensor(self, source, program, ct, live, apply, device).launch
@@ -302,7 +321,7 @@ class KernelBackend:
         slots = [slot.reshape(shape) for slot in job.slots]
         inputs = [job.x, job.g, *scalars] if apply else [job.g, *scalars]
         outputs = [job.out if apply else job.x, *slots]
-        for counter in self._counters:
+        for counter in tuple(self._counters):
             counter.launches += 1
             counter.names.append("gpuopt_strided")
         kernel(*inputs, *outputs)
@@ -470,6 +489,13 @@ def _placement_groups(place: Placement, jobs: Sequence[Job]) -> dict[tuple[int, 
     for job in jobs:
         groups.setdefault((place.device_of(job.x), job.framework), []).append(job)
     return groups
+
+
+def _launch_group(launch: Callable, group: list[Job], flat: list[tuple], apply: bool) -> None:
+    launch([job.scalars for job in group])
+    for job, x, _ in flat:  # kernels need contiguous memory; others went through a copy
+        if x is not job.x and not apply:
+            job.x[...] = x
 
 
 def _dtype_groups(jobs: Sequence[Any]) -> dict[tuple, list[int]]:

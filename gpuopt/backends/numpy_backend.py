@@ -9,6 +9,7 @@ every element (host scalars and what is computed from them) are evaluated once p
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -181,21 +182,19 @@ class NumpyExecutor:
         self.final_pass = _Pass(program, final_roots, self.ct, self.param_dtype, self.grad_dtype,
                                 program.stores)
         self._x_index = final_roots[-1].index
-        self._x_new = np.empty(BLOCK, self.ct) if self.param_dtype != self.ct else None
-        # bfloat16 results are rounded through these (nothing allocated per step)
-        narrowing = self.param_dtype == dtypes.BFLOAT16
-        self._bits = np.empty(BLOCK, np.uint32) if narrowing else None
-        self._nan = np.empty(BLOCK, bool) if narrowing else None
-        self._scratch = {id(p): [np.empty(BLOCK, dtype=bool if kind else self.ct) for kind in p.buffer_kinds]
-                         for p in [*self.stage_passes, self.final_pass]}
-        self._vals: list[Any] = [None] * len(program.graph.nodes)
-        self._no_vals: list[Any] = [None] * len(program.graph.nodes)
-        # float32 terms are summed in float64 through this buffer: a reduce with dtype=float64
-        # would allocate a casting buffer on every call
-        self._wide = np.empty(BLOCK, np.float64) if self.ct != np.float64 and program.totals else None
+        self._passes = [*self.stage_passes, self.final_pass]
+        self._local = threading.local()  # scratch memory per thread: threads never share buffers
 
-    def _blocks(self, p: _Pass, n: int) -> Iterator[tuple[int, int, list[np.ndarray]]]:
-        full = self._scratch[id(p)]
+    def scratch(self) -> _Scratch:
+        """This thread's scratch buffers (allocated on its first call: call this before
+        writing anything, so that a failed allocation happens before the first write)."""
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = _Scratch(self)
+        return scratch
+
+    def _blocks(self, scratch: _Scratch, p: _Pass, n: int) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+        full = scratch.buffers[id(p)]
         for start in range(0, n, BLOCK):
             stop = min(start + BLOCK, n)
             yield start, stop, full if stop - start == BLOCK else [b[: stop - start] for b in full]
@@ -203,18 +202,19 @@ class NumpyExecutor:
     def run(self, x: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray],
             scalars: Sequence[float], out: np.ndarray | None = None) -> None:
         """One step over flat contiguous arrays: ``x -= d`` (or ``out = d`` when applying)."""
+        scratch = self.scratch()
         try:
-            self._run(x, g, slots, scalars, out)
+            self._run(scratch, x, g, slots, scalars, out)
         finally:
             # Drop this call's views: a cached executor must not keep a parameter (whose
             # state is held weakly) or its state alive after the caller lets it go.
-            self._vals[:] = self._no_vals
+            scratch.vals[:] = scratch.no_vals
 
-    def _run(self, x: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray],
+    def _run(self, scratch: _Scratch, x: np.ndarray, g: np.ndarray, slots: Sequence[np.ndarray],
              scalars: Sequence[float], out: np.ndarray | None) -> None:
         n = x.shape[0]
         program = self.program
-        vals = self._vals
+        vals = scratch.vals
         totals = [0.0] * len(program.totals)
         with np.errstate(all="ignore"):  # NaN/inf propagate as in PyTorch; the unselected
             # branch of a where() may divide by zero without it mattering
@@ -225,13 +225,13 @@ class NumpyExecutor:
                     vals[index] = value
                 terms = [t.args[0] for t in program.totals_at(level)]
                 sums = [0.0] * len(terms)
-                for start, stop, buffers in self._blocks(p, n):
+                for start, stop, buffers in self._blocks(scratch, p, n):
                     p.run_block(vals, buffers, x[start:stop], g[start:stop], [s[start:stop] for s in slots])
                     for k, arg in enumerate(terms):
                         if not arg.uniform:
                             term = vals[arg.index]
-                            if self._wide is not None:
-                                wide = self._wide[: stop - start]
+                            if scratch.wide is not None:
+                                wide = scratch.wide[: stop - start]
                                 np.copyto(wide, term)
                                 term = wide
                             sums[k] += float(np.add.reduce(term))
@@ -244,31 +244,58 @@ class NumpyExecutor:
             for index, value in uniform.items():
                 vals[index] = value
             result = program.result.index
-            for start, stop, buffers in self._blocks(p, n):
+            for start, stop, buffers in self._blocks(scratch, p, n):
                 xb, sb = x[start:stop], [s[start:stop] for s in slots]
                 p.run_block(vals, buffers, xb, g[start:stop], sb)
                 # The remaining writes come last: every read of the old x and state is done.
-                staged = [(slot, vals[index].copy() if swap else vals[index]) for slot, index, swap in p.copies]
+                staged = []
+                for k, (slot, index, swap) in enumerate(p.copies):
+                    value = vals[index]
+                    if swap:  # a slot's old value stored into another slot: keep it aside first
+                        kept = scratch.swaps[k][: stop - start]
+                        np.copyto(kept, value)
+                        value = kept
+                    staged.append((slot, value))
                 for slot, value in staged:
                     np.copyto(sb[slot], value)
                 if self.apply:
-                    self._store(out[start:stop], vals[result])
+                    self._store(scratch, out[start:stop], vals[result])
                 elif program.new_x is not None:  # the rounding of the master copy
-                    self._store(xb, vals[program.new_x.index])
+                    self._store(scratch, xb, vals[program.new_x.index])
                 elif self.param_dtype == self.ct:
                     np.subtract(xb, vals[result], out=xb)
                 else:
-                    x_new = self._x_new[: stop - start]
+                    x_new = scratch.x_new[: stop - start]
                     np.subtract(vals[self._x_index], vals[result], out=x_new)
-                    self._store(xb, x_new)
+                    self._store(scratch, xb, x_new)
 
-    def _store(self, target: np.ndarray, values: np.ndarray) -> None:
+    def _store(self, scratch: _Scratch, target: np.ndarray, values: np.ndarray) -> None:
         """Compute-precision ``values`` into parameter storage, rounded to nearest (even)."""
         if self.param_dtype == dtypes.BFLOAT16:
             n = target.shape[0]
-            dtypes.narrow(values, target, self._bits[:n], self._nan[:n])
+            dtypes.narrow(values, target, scratch.bits[:n], scratch.nan[:n])
         else:
             np.copyto(target, values, casting="same_kind")
+
+
+class _Scratch:
+    """One thread's working memory for one executor: a block of each buffer the passes use."""
+
+    def __init__(self, ex: NumpyExecutor):
+        ct = ex.ct
+        self.buffers = {id(p): [np.empty(BLOCK, dtype=bool if kind else ct) for kind in p.buffer_kinds]
+                        for p in ex._passes}
+        self.x_new = np.empty(BLOCK, ct) if ex.param_dtype != ct else None
+        # float32 terms are summed in float64 through this buffer: a reduce with dtype=float64
+        # would allocate a casting buffer on every call
+        self.wide = np.empty(BLOCK, np.float64) if ct != np.float64 and ex.program.totals else None
+        self.swaps = [np.empty(BLOCK, ct) if swap else None for _, _, swap in ex.final_pass.copies]
+        # bfloat16 results are rounded through these (nothing allocated per step)
+        narrowing = ex.param_dtype == dtypes.BFLOAT16
+        self.bits = np.empty(BLOCK, np.uint32) if narrowing else None
+        self.nan = np.empty(BLOCK, bool) if narrowing else None
+        self.vals: list[Any] = [None] * len(ex.program.graph.nodes)
+        self.no_vals: list[Any] = [None] * len(ex.program.graph.nodes)
 
 
 @functools.lru_cache(maxsize=512)
@@ -308,15 +335,22 @@ class NumpyBackend:
 
     @staticmethod
     def run(program: Program, jobs: Sequence[Any], apply: bool) -> None:
+        # Every copy, executor and scratch buffer first: a failed allocation (MemoryError)
+        # must come before the first array is written.
+        staged = []
         for job in jobs:
             x, g = job.x, job.g
             contiguous = x.flags.c_contiguous
             flat_x = (x if contiguous else np.ascontiguousarray(x)).reshape(-1)
             flat_g = np.ascontiguousarray(g).reshape(-1)
             out = job.out.reshape(-1) if apply else None
-            executor(program, job.x_type, job.g_type, apply).run(flat_x, flat_g, job.slots, job.scalars, out)
+            ex = executor(program, job.x_type, job.g_type, apply)
+            ex.scratch()
+            staged.append((job, ex, flat_x, flat_g, out, contiguous))
+        for job, ex, flat_x, flat_g, out, contiguous in staged:
+            ex.run(flat_x, flat_g, job.slots, job.scalars, out)
             if not contiguous and not apply:
-                np.copyto(x, flat_x.reshape(x.shape))
+                np.copyto(job.x, flat_x.reshape(job.x.shape))
 
 
 BACKEND = NumpyBackend()

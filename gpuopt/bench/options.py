@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,6 +184,9 @@ def _config(args: argparse.Namespace) -> Config:
         sizes = parse_sizes(sizes)
     if getattr(args, "plot", None):
         _matplotlib()  # fail now, not after the whole run
+    for option in ("json", "plot"):
+        if getattr(args, option, None):
+            check_output_path(getattr(args, option), f"--{option}")
     return Config(
         backend=backend, rules=rules, sizes=sizes, dtype=np.dtype(args.dtype),
         repeats=args.repeats or DEFAULT_REPEATS[backend],
@@ -191,6 +195,30 @@ def _config(args: argparse.Namespace) -> Config:
         baselines=args.baselines, torch=args.torch,
     )
 
+
+
+def output_path(path: str, suffix: str) -> tuple[str, bool]:
+    """(where to write, whether it is a directory to put a generated file name in): a path that
+    is a directory or ends in a separator is one; a file name without ``suffix`` gets it."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        return path, True
+    return (path if path.lower().endswith(suffix) else path + suffix), False
+
+
+def check_output_path(path: str, option: str) -> None:
+    """BenchError now, before anything is measured, if ``path`` cannot be written later."""
+    suffix = ".json" if option == "--json" else ".png"
+    target, is_dir = output_path(path, suffix)
+    directory = target if is_dir else (os.path.dirname(target) or ".")
+    existing = directory
+    while existing and not os.path.exists(existing):  # a directory may be created, under one that exists
+        if not is_dir:
+            raise BenchError(f"{option}: directory {directory!r} does not exist")
+        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise BenchError(f"{option}: cannot write in {existing!r}")
+    if not is_dir and os.path.isdir(target):
+        raise BenchError(f"{option}: {target!r} is a directory")
 
 
 def _matplotlib() -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .options import _matplotlib
+from .options import _matplotlib, output_path
 
 
 def _fmt_time(seconds: float | None) -> str:
@@ -112,15 +112,23 @@ def _slug(text: str) -> str:
 def write_json(report: dict[str, Any], path: str) -> str:
     """Write ``report`` to ``path``; a directory (existing, or ending in a separator) gets a
     file named by device, backend, dtype and date. Returns the path written."""
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        os.makedirs(path, exist_ok=True)
-        name = (f"{_slug(report['device']['name'])}-{report['device']['backend']}-"
-                f"{report['config']['dtype']}-{report['date'][:10]}.json")
-        path = os.path.join(path, name)
+    path = _output(report, path, ".json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(_finite(report), f, indent=2, allow_nan=False)
         f.write("\n")
     return path
+
+
+def _output(report: dict[str, Any], path: str, suffix: str) -> str:
+    """The file to write: in a directory, one named by device, backend, dtype and date; a file
+    name gets ``suffix`` if it lacks it (so the name printed is the name written)."""
+    target, is_dir = output_path(path, suffix)
+    if not is_dir:
+        return target
+    os.makedirs(target, exist_ok=True)
+    name = (f"{_slug(report['device']['name'])}-{report['device']['backend']}-"
+            f"{report['config']['dtype']}-{report['date'][:10]}{suffix}")
+    return os.path.join(target, name)
 
 
 def _finite(value: Any) -> Any:
@@ -137,7 +145,10 @@ def _finite(value: Any) -> Any:
 
 
 def plot_report(report: dict[str, Any], path: str) -> str:
-    """A PNG of GB/s against size, one line per rule, the copy bandwidth as a reference line."""
+    """A PNG of GB/s against size, one line per rule, the copy bandwidth as a reference line.
+    ``path`` is a file (``.png`` is added if missing) or a directory, as for :func:`write_json`.
+    Returns the path written."""
+    path = _output(report, path, ".png")
     plt = _matplotlib()
     fig, ax = plt.subplots(figsize=(10, 6))
     rules: dict[str, list[tuple[int, float]]] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..rule import Hyper, Rule, non_negative, positive_integer
 
 
@@ -21,7 +23,8 @@ class ExpDecay(Rule):
     """Multiply the update by ``eta``, which decays by ``decay`` every ``decay_step`` steps
     down to a minimum of ``clip``. The decayed value is visible as the ``eta`` attribute.
 
-    With several parameters it decays once per step count, not once per parameter.
+    With several parameters it decays once per step count, not once per parameter. A decay
+    above 1 grows ``eta`` up to the largest finite float, where it stays.
     """
 
     eta = Hyper(0.001, non_negative)
@@ -32,7 +35,7 @@ class ExpDecay(Rule):
 
     def advance(self, t):
         if t % self.decay_step == 0 and t > self.decayed_at:
-            self.eta = max(self.eta * self.decay, self.clip)
+            self.eta = min(max(self.eta * self.decay, self.clip), sys.float_info.max)
             self.decayed_at = t
 
     def step(self, d, x, s, h):
