@@ -27,6 +27,8 @@ from itertools import repeat
 from operator import attrgetter
 from typing import Any
 
+import numpy as np
+
 from .backends import get_backend
 from .backends.protocol import Job, PreparedLaunch
 from .memory import Disjoint
@@ -49,6 +51,10 @@ def step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[
 #: fast address readers for array types other than CuPy's and PyTorch's (the host-time
 #: benchmark's stand-in for device memory registers one)
 POINTER_READERS: dict[type, Callable[[Any], int]] = {}
+
+
+def _writeable(array: Any) -> bool:
+    return array.flags.writeable
 
 
 def _aligned(array: Any) -> bool:
@@ -109,6 +115,7 @@ class PreparedUpdate:
         self.param_ids = tuple(map(id, params))
         # A torch parameter keeps its identity when its storage is replaced (p.data = ...).
         self.param_pointers = param_kind.pointers(params) if param_kind.torch else None
+        self.writeable_flags = isinstance(params[0], np.ndarray)  # (native code ignores the flag)
         self.grad_types = list(map(type, grads))
         self.grad_layouts = grad_kind.layouts(grads)
         self.param_memory = Disjoint([job.x for job in jobs], [job.g for job in jobs])  # new gradients: apart
@@ -157,8 +164,9 @@ class PreparedUpdate:
                 or opt.leaves() != self.leaves
                 or plan(opt) is not self.program
                 or tuple(leaf.state_version for leaf in self.leaves) != self.versions
-                or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)):
-            return False
+                or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)
+                or (self.writeable_flags and not all(map(_writeable, params)))):
+            return False  # (a NumPy parameter made read-only since: the full path refuses it)
         ids = tuple(map(id, grads))
         if not (self.grads_alive and ids == self.grad_ids) and not self._take_gradients(grads, ids):
             return False

@@ -100,7 +100,7 @@ __attribute__((noinline)) static void gpuopt_update_range(const gpuopt_tensor& r
         const gpuopt_compute_t xi = gpuopt_from_param(x[i]);
         const gpuopt_compute_t d = gpuopt_step(xi, gpuopt_from_grad(g[i]), s, h, totals);
         for (int k = 0; k < GPUOPT_SLOTS; ++k) slots[k][i] = s[k];
-        dst[i] = gpuopt_to_param(GPUOPT_APPLY ? d : xi - d);
+        dst[i] = gpuopt_to_param(GPUOPT_APPLY ? d : gpuopt_new_param(xi, d, s));  // x - d, or the master copy
     }
 }
 

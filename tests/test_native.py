@@ -433,3 +433,32 @@ def test_bfloat16_torch_tensors_match_the_executor(use):
         results.append([p.view(torch.int16).numpy().copy() for p in params])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_parameter_made_read_only_after_a_prepared_update_is_refused(use):
+    use(True)
+    opt = RULES["ADAM"]()
+    params = [np.ones(10, np.float32), np.ones(20, np.float32)]
+    grads = [np.full(10, 0.5, np.float32), np.full(20, 0.5, np.float32)]
+    gpuopt.update(opt, params, grads)
+    gpuopt.update(opt, params, grads)  # prepared on these arrays
+    params[1].flags.writeable = False
+    before = [p.copy() for p in params]
+    with pytest.raises(ValueError, match="read-only"):
+        gpuopt.update(opt, params, grads)
+    for a, b in zip(params, before):
+        _same_bits(a, b, "refused")
+
+
+def test_mixed_precision_master_copy_matches_the_executor(use):
+    results = []
+    for on_native in (True, False):
+        use(on_native)
+        rng = np.random.default_rng(8)
+        opt = gpuopt.MixedPrecision(CHAINS["ClipNorm+ADAM"]())
+        params = [rng.standard_normal(n).astype(np.float16) for n in (CHUNK + 3, 7)]
+        for _ in range(4):
+            gpuopt.update(opt, params, [rng.standard_normal(p.shape).astype(np.float16) for p in params])
+        results.append(params)
+    for a, b in zip(*results):
+        _same_bits(a, b, "master copy")
