@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .api import update
+from .backends import describe
 from .cli import at_least_two, choose_backend, non_negative_int, positive_int
 from .dispatch import cupy_module
 from .expressions import parse_optimiser
@@ -216,7 +217,8 @@ def train(
     width = len(str(steps))
     say(
         f"gpuopt demo: MLP 2-{hidden}-{classes} ({activation}) on {dataset} "
-        f"({samples} train / {len(y_np) - samples} test), backend {backend}, batch {batch_size}, "
+        f"({samples} train / {len(y_np) - samples} test), backend {describe(backend)}, batch "
+        f"{batch_size}, "
         f"{steps} steps, seed {seed}"
     )
     say(f"optimiser: {opt!r}")

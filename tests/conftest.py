@@ -1,17 +1,32 @@
 """Shared test helpers: building a gpuopt rule from a reference spec (see tests/reference.py),
-and the kernel backend on the CPU stand-in (tests/emulation)."""
+and the kernel backend on the CPU stand-in (tests/emulation).
+
+NumPy arrays run on the NumPy executor in the suite unless ``GPUOPT_CPU`` says otherwise
+(each native module costs a compile; tests/test_native.py checks the native backend against
+the executor), and native modules are built in a fresh cache folder per session unless
+``GPUOPT_CACHE_DIR`` names one.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 import gpuopt
+import gpuopt.backends
 from gpuopt.backends import numpy_backend
 from gpuopt.backends.kernel_backend import KernelBackend
 
 from .emulation import device as emulation
+
+os.environ.setdefault("GPUOPT_CPU", "numpy")
+if not os.environ.get("GPUOPT_CACHE_DIR"):
+    os.environ["GPUOPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpuopt-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["GPUOPT_CACHE_DIR"], True)
 
 #: CI sets this so that a missing kernel toolchain (NVRTC, g++, the sanitizer runtime) fails
 #: the kernel tests instead of skipping them.
@@ -36,7 +51,8 @@ def on_kernels(emulated_backend, monkeypatch):
     """Run NumPy arrays through the kernel backend (generated CUDA compiled for the CPU)."""
 
     def use(flag: bool):
-        monkeypatch.setattr(numpy_backend, "BACKEND", emulated_backend if flag else numpy_backend.NumpyBackend())
+        backend = emulated_backend if flag else numpy_backend.NumpyBackend()
+        monkeypatch.setattr(gpuopt.backends, "cpu_backend", lambda: backend)
 
     return use
 
