@@ -542,6 +542,20 @@ def test_compiled_code_keeps_subnormals_and_never_fuses_multiply_adds():
     assert ".ftz" not in ptx and "fma." not in ptx  # ...without flushing or fusing
 
 
+@pytest.mark.parametrize("prefer_cupy", [False, True], ids=["cuda-bindings", "CuPy's binding"])
+def test_each_nvrtc_binding_gives_cubin_and_ptx(prefer_cupy):
+    _nvrtc()
+    binding = nvrtc.binding(prefer_cupy)
+    if ("CuPy" in binding.version) != prefer_cupy:
+        pytest.skip(f"only {binding.version} is installed")
+    source = gpuopt.kernel_source(gpuopt.ADAM(), "float32")
+    cubin = nvrtc.compile_module(source, 90, True, prefer_cupy=prefer_cupy)
+    ptx = nvrtc.compile_module(source, 90, False, prefer_cupy=prefer_cupy)
+    assert cubin[:4] == b"\x7fELF" and b".entry gpuopt_multi_tensor" in ptx and not ptx.endswith(b"\0")
+    assert nvrtc.target_arch(90, prefer_cupy) == (90, True)  # a cubin for an arch NVRTC knows
+    assert nvrtc.target_arch(91, prefer_cupy) == (90, False)  # else PTX for the newest below it
+
+
 class _FakeCupy:
     """Just enough of CuPy for CupyDevice to compile and load a module without a GPU."""
 

@@ -99,7 +99,7 @@ class _CudaBindings:
             (size,) = self._check(size_of(program))
             buffer = b" " * size
             self._check(get(program, buffer))
-            return buffer
+            return buffer if binary else buffer.rstrip(b"\0")  # (PTX: the size counts its terminator)
         finally:
             nvrtc.nvrtcDestroyProgram(program)
 
@@ -123,7 +123,8 @@ class _CupyBinding:
                 nvrtc.compileProgram(program, list(options))
             except Exception as error:
                 raise NvrtcError(f"NVRTC: {error}\n{nvrtc.getProgramLog(program)}") from None
-            return nvrtc.getCUBIN(program) if binary else nvrtc.getPTX(program).encode()
+            data = nvrtc.getCUBIN(program) if binary else nvrtc.getPTX(program)
+            return data.encode() if isinstance(data, str) else data
         finally:
             nvrtc.destroyProgram(program)
 
