@@ -1,27 +1,15 @@
-"""Shared test helpers: building a gpuopt rule from a reference spec (see tests/reference.py),
-and the kernel backend on the CPU stand-in (tests/emulation)."""
+"""Shared fixtures: the kernel backend on the CPU stand-in (tests/emulation). The case
+catalogue and its helpers are tests/cases.py; tests/toolchain.py reports missing tools."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-import gpuopt
 from gpuopt.backends import numpy_backend
 from gpuopt.backends.kernel_backend import KernelBackend
 
 from .emulation import device as emulation
-
-#: CI sets this so that a missing kernel toolchain (NVRTC, g++, the sanitizer runtime) fails
-#: the kernel tests instead of skipping them.
-REQUIRED = os.environ.get("GPUOPT_REQUIRE_KERNEL_TOOLS") == "1"
-
-
-def missing(reason: str) -> None:
-    if REQUIRED:
-        pytest.fail(f"{reason} (GPUOPT_REQUIRE_KERNEL_TOOLS=1)")
-    pytest.skip(reason)
+from .toolchain import missing
 
 
 @pytest.fixture(scope="session")
@@ -39,12 +27,3 @@ def on_kernels(emulated_backend, monkeypatch):
         monkeypatch.setattr(numpy_backend, "BACKEND", emulated_backend if flag else numpy_backend.NumpyBackend())
 
     return use
-
-
-def build_gpuopt(spec: tuple) -> gpuopt.Rule:
-    """The gpuopt object for ``spec``: ``(name, args, kwargs)`` or ``("Optimiser", [specs])``."""
-    if spec[0] == "Optimiser":
-        return gpuopt.Optimiser(*(build_gpuopt(s) for s in spec[1]))
-    name, args, kwargs = spec
-    return getattr(gpuopt, name)(*args, **kwargs)
-

@@ -15,8 +15,7 @@ import pytest
 import gpuopt
 from gpuopt.plan import plan
 
-from .conftest import build_gpuopt
-from .reference import R, build_reference, chain, spec_id
+from .cases import Oracle, R, build_gpuopt, chain, spec_id
 
 EPS = 1e-8
 
@@ -44,7 +43,7 @@ def test_update_collection_skips_none_gradients(spec, kind):
     make = COLLECTIONS[kind]
     arrays = [rng.standard_normal(s) for s in SHAPES]
     params = make(list(zip(KEYS, arrays)))
-    opt, ref = build_gpuopt(spec), build_reference(spec)
+    opt, ref = build_gpuopt(spec), Oracle(spec)
     skipped = arrays[1]
     for t in range(1, 9):
         # parameter 1 gets a gradient only at steps 4 and 5
@@ -180,7 +179,7 @@ def test_constructor_arguments_are_attributes(name):
 def test_eps_keyword(name):
     opt = getattr(gpuopt, name)(eps=1e-3)
     assert opt.eps == 1e-3
-    ref = build_reference(R(name, eps=1e-3))
+    ref = Oracle(R(name, eps=1e-3))
     x = np.linspace(-1, 1, 6)
     for _ in range(3):
         g = np.array([1e-3, -2e-3, 0.0, 0.5, -1.0, 3e-4])
@@ -219,12 +218,12 @@ def test_optimiser_is_list_like():
 def test_appended_rule_takes_part_from_the_next_step():
     rng = np.random.default_rng(1)
     opt = gpuopt.Optimiser(gpuopt.ClipValue(0.5), gpuopt.Momentum(0.1, 0.5))
-    ref = build_reference(chain(R("ClipValue", 0.5), R("Momentum", 0.1, 0.5)))
+    ref = Oracle(chain(R("ClipValue", 0.5), R("Momentum", 0.1, 0.5)))
     x = rng.standard_normal(5)
     for t in range(6):
         if t == 3:
             opt.append(gpuopt.WeightDecay(0.2))
-            ref.rules.append(build_reference(R("WeightDecay", 0.2)))
+            ref.rules.append(Oracle(R("WeightDecay", 0.2)))
         g = rng.standard_normal(5)
         expected = x - ref.step("x", x.copy(), g)
         gpuopt.update(opt, x, g)
@@ -288,7 +287,7 @@ MID_RUN = [
 @pytest.mark.parametrize("spec, attr, value", MID_RUN, ids=[f"{spec_id(s)}.{a}" for s, a, _ in MID_RUN])
 def test_hyperparameter_change_takes_effect_next_step(spec, attr, value):
     rng = np.random.default_rng(6)
-    opt, ref = build_gpuopt(spec), build_reference(spec)
+    opt, ref = build_gpuopt(spec), Oracle(spec)
     program = plan(opt)
     x = rng.standard_normal((3, 3))
     for t in range(12):
@@ -306,7 +305,7 @@ def test_hyperparameter_change_takes_effect_next_step(spec, attr, value):
 def test_hyperparameter_change_inside_a_chain():
     rng = np.random.default_rng(2)
     opt = gpuopt.Optimiser(gpuopt.ClipValue(1.0), gpuopt.ADAM(0.01))
-    ref = build_reference(chain(R("ClipValue", 1.0), R("ADAM", 0.01)))
+    ref = Oracle(chain(R("ClipValue", 1.0), R("ADAM", 0.01)))
     x = rng.standard_normal(8)
     for t in range(8):
         if t == 4:

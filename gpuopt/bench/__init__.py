@@ -30,13 +30,13 @@ import argparse
 import sys
 from typing import Any
 
+from ..plain import Unfused
 from .devices import COPY_BYTES, CupyDevice, NumpyDevice, Timing
 from .options import DTYPES, BenchError, Config, _config, add_arguments, parse_rules, parse_sizes
 from .progress import Progress
 from .report import format_report, plot_report, write_json
 from .runner import benchmark
 from .targets import evaluate_targets
-from .unfused import Unfused
 from .workload import CHAIN, RULES, SPEC_BYTES_FLOAT32, bytes_per_element, check_spec_bytes, gpt2_shapes, state_slots
 
 __all__ = [

@@ -17,6 +17,7 @@ import numpy as np
 from ..api import update
 from ..backends.numpy_backend import compute_dtype
 from ..dispatch import cupy_module
+from ..plain import Unfused
 from ..rule import Rule
 from ..rules import ADAM
 from .devices import (
@@ -33,7 +34,6 @@ from .devices import (
 from .options import Config, _config
 from .progress import Progress
 from .targets import evaluate_targets
-from .unfused import Unfused
 from .workload import bytes_per_element, check_spec_bytes, gpt2_shapes, state_slots
 
 #: a repeat runs this many seconds' worth of steps at least (so tiny sizes are not all noise)

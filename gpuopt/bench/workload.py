@@ -11,40 +11,14 @@ from ..backends.numpy_backend import compute_dtype
 from ..chain import Optimiser
 from ..plan import plan
 from ..rule import Rule
-from ..rules import (
-    ADAM,
-    ADAMW,
-    NADAM,
-    RADAM,
-    ADADelta,
-    ADAGrad,
-    AdaMax,
-    AMSGrad,
-    ClipValue,
-    Descent,
-    Momentum,
-    Nesterov,
-    RMSProp,
-    WeightDecay,
-)
+from ..rules import ADAM, OPTIMISERS, ClipValue, WeightDecay
 
 #: the fused chain of the issue: clipping and weight decay in front of ADAM, one kernel
 CHAIN = "ClipValue+WeightDecay+ADAM"
 
 #: every benchmarked rule by name, with a factory for a fresh instance (default hyperparameters)
 RULES: dict[str, Callable[[], Rule]] = {
-    "Descent": Descent,
-    "Momentum": Momentum,
-    "Nesterov": Nesterov,
-    "RMSProp": RMSProp,
-    "ADAM": ADAM,
-    "RADAM": RADAM,
-    "AdaMax": AdaMax,
-    "ADAGrad": ADAGrad,
-    "ADADelta": ADADelta,
-    "AMSGrad": AMSGrad,
-    "NADAM": NADAM,
-    "ADAMW": ADAMW,
+    **{cls.__name__: cls for cls in OPTIMISERS},
     CHAIN: lambda: Optimiser(ClipValue(1), WeightDecay(1e-4), ADAM()),
 }
 _ALIASES = {"clip+wd+adam": CHAIN, "chain": CHAIN}
