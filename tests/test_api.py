@@ -1,4 +1,4 @@
-"""The public API: update and apply on arrays and collections, the seed's names and
+"""The public API: update and apply on arrays and collections, Flux's names and
 signatures, Optimiser as a list, weakly held state, live hyperparameters, no allocation per
 step, and user-defined rules."""
 
@@ -113,7 +113,7 @@ def test_torch_cpu_tensor_is_updated_in_place():
     np.testing.assert_allclose(p.numpy(), expected, rtol=1e-15)
 
 
-# -- the seed's names, positional order and defaults ------------------------------------
+# -- Flux's names, positional order and defaults -----------------------------------------
 
 REQUIRED = inspect.Parameter.empty
 SEED_SIGNATURES = {
@@ -145,7 +145,7 @@ OTHER_VALUES = {
 
 
 @pytest.mark.parametrize("name", list(SEED_SIGNATURES))
-def test_seed_name_is_exported_with_seed_signature(name):
+def test_flux_name_is_exported_with_fluxs_signature(name):
     assert name in gpuopt.__all__
     cls = getattr(gpuopt, name)
     params = list(inspect.signature(cls).parameters.values())
@@ -168,7 +168,7 @@ def test_constructor_arguments_are_attributes(name):
         with pytest.raises(TypeError, match="thresh"):
             cls()
     values = [OTHER_VALUES[arg] for arg, _ in signature]
-    opt = cls(*values)  # positionally, in the seed's order
+    opt = cls(*values)  # positionally, in Flux's order
     for (arg, _), value in zip(signature, values):
         assert getattr(opt, arg) == value
     with pytest.raises(TypeError):
@@ -397,7 +397,7 @@ def test_no_allocation_per_step_after_the_first(make, dtype):
 
 
 class SeedMomentum(gpuopt.Rule):
-    """The seed's Optimiser Interface example, in gpuopt's form."""
+    """Flux.Optimise's Optimiser Interface example, in gpuopt's form."""
 
     eta = gpuopt.Hyper(0.01, check=gpuopt.non_negative)
     rho = gpuopt.Hyper(0.9, check=gpuopt.unit_interval)
@@ -418,7 +418,7 @@ class DampedSign(gpuopt.Rule):
     start = gpuopt.Hyper(0.0, check=gpuopt.non_negative, keyword_only=True)
     state = {"a": "start"}
 
-    def host(self, t):
+    def extra_scalars(self, t):
         return {"correction": 1 - self.rho**t}
 
     def step(self, d, x, s, h):
@@ -454,7 +454,7 @@ def test_user_rule_signature_and_validation():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_seed_momentum_example_equals_builtin(dtype):
+def test_flux_momentum_example_equals_builtin(dtype):
     rng = np.random.default_rng(3)
     x1 = np.array(rng.standard_normal((4, 6)), dtype=dtype)
     x2 = x1.copy()

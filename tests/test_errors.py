@@ -1,4 +1,4 @@
-"""SPEC section 5: a bad call raises a clear error naming the offending parameter and what
+"""A bad call raises a clear error naming the offending parameter and what
 was expected, and leaves every parameter and all optimiser state exactly as they were."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def snapshot(opt: gpuopt.Rule, arrays: list[Any], grads: list[Any]) -> dict:
             state = leaf.state_for(p)
             per_param.append(None if state is None else
                              (state.t, None if state.slots is None else state.slots.tobytes()))
-        host = {k: getattr(leaf, k) for k in leaf.host_state}
+        host = {k: getattr(leaf, k) for k in leaf.schedule_state}
         leaves.append((leaf.hyperparameters(), host, len(leaf._state), per_param))
     return {"params": [data(a) for a in arrays], "grads": [data(g) for g in grads], "state": leaves}
 

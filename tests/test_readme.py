@@ -17,7 +17,7 @@ def _blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_has_the_seed_examples():
+def test_readme_has_fluxs_examples():
     text = "\n".join(_blocks())
     for needle in ("Descent(0.1)", "ADAM()", "ExpDecay(0.001, 0.1, 1000, 1e-4)", "ClipValue", "class MyMomentum(Rule)"):
         assert needle in text

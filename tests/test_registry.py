@@ -9,7 +9,7 @@ import pytest
 
 import gpuopt
 from gpuopt import bench
-from gpuopt.expressions import rule_names
+from gpuopt.arguments import rule_names
 from gpuopt.plain import FORMULAS, REQUIRED
 from gpuopt.rules import BUILT_IN, OPTIMISERS, WRAPPERS
 

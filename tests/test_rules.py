@@ -1,5 +1,6 @@
 """The rules' values: gpuopt against the float64 oracle (the plain formulas of gpuopt.plain,
-run by tests/cases.py), PyTorch and the seed's own tests (fitting a matrix, ExpDecay's schedule, clipping)."""
+run by tests/cases.py), PyTorch and
+Flux.Optimise's own tests (fitting a matrix, ExpDecay's schedule, clipping)."""
 
 from __future__ import annotations
 
@@ -213,7 +214,7 @@ def test_non_finite_gradients_propagate(spec, dtype):
             assert np.isnan(x[1]), "a NaN gradient must give a NaN parameter"
 
 
-# -- PyTorch cross-checks: exactly the settings SPEC section 1 lists --------------------
+# -- PyTorch cross-checks: the equivalences the README's rule table lists ---------------
 
 TORCH_CASES = [
     (R("Descent", 0.1), "SGD", {"lr": 0.1}),
@@ -265,11 +266,11 @@ def test_matches_pytorch(spec, torch_name, torch_kwargs, dtype):
         )
 
 
-# -- the seed's own tests ---------------------------------------------------------------
+# -- Flux.Optimise's own tests ---------------------------------------------------------
 
-#: The seed's rules, each fitting w to w1. Where the default learning rate needs far more
+#: Flux's rules, each fitting w to w1. Where the default learning rate needs far more
 #: than a few thousand steps, a larger one is used (ADADelta has none: a larger eps is its
-#: initial step size instead). The last three are the seed's decay chains.
+#: initial step size instead). The last three are Flux's decay chains.
 FIT_CASES = [
     gpuopt.Descent, gpuopt.Momentum,
     lambda: gpuopt.Nesterov(0.01),
@@ -290,7 +291,7 @@ FIT_CASES = [
 
 @pytest.mark.parametrize("make", FIT_CASES, ids=lambda m: repr(m()))
 def test_fits_w_to_w1(make):
-    """The seed's test: loss(x) = mse(w*x, w1*x) with x = rand(10) each step, until < 0.01."""
+    """Flux.Optimise's test: loss(x) = mse(w*x, w1*x) with x = rand(10) each step, until < 0.01."""
     rng = np.random.default_rng(42)
     opt = make()
     w, w1 = rng.standard_normal((10, 10)), rng.standard_normal((10, 10))

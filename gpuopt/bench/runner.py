@@ -34,7 +34,7 @@ from .devices import (
 from .options import Config, _config
 from .progress import Progress
 from .targets import evaluate_targets
-from .workload import bytes_per_element, check_spec_bytes, gpt2_shapes, state_slots
+from .workload import bytes_per_element, check_counted_bytes, gpt2_shapes, state_slots
 
 #: a repeat runs this many seconds' worth of steps at least (so tiny sizes are not all noise)
 REPEAT_TARGET_S = {"cupy": 2e-3, "numpy": 5e-3}
@@ -345,9 +345,9 @@ def benchmark(config: Config | argparse.Namespace, progress: Progress | None = N
     if isinstance(config, argparse.Namespace):
         config = _config(config)
     progress = progress or Progress(enabled=False)
-    wrong = check_spec_bytes()
-    if wrong:  # the derivation and the SPEC table disagree: say so, loudly, in the report
-        progress.note(f"warning: bytes per element differ from SPEC section 6: {wrong}")
+    wrong = check_counted_bytes()
+    if wrong:  # the derivation and the hand count disagree: say so, loudly, in the report
+        progress.note(f"warning: bytes per element differ from the hand count: {wrong}")
     runner = _Runner(config, progress)
     device = runner.device
     started = time.perf_counter()
@@ -373,8 +373,8 @@ def benchmark(config: Config | argparse.Namespace, progress: Progress | None = N
             "model": config.model, "baselines": config.baselines, "torch": config.torch,
             "timer": "CUDA events" if config.backend == "cupy" else "time.perf_counter",
         },
-        "bytes_per_element_check": {"spec_section_6_float32": "ok" if not wrong else
-                                    {k: {"derived": d, "spec": s} for k, (d, s) in wrong.items()}},
+        "bytes_per_element_check": {"counted_float32": "ok" if not wrong else
+                                    {k: {"derived": d, "counted": s} for k, (d, s) in wrong.items()}},
         "copy_bandwidth": copy,
         "results": results,
         "skipped": skipped,

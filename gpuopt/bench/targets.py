@@ -1,4 +1,4 @@
-"""The targets of SPEC section 6 and the issue, evaluated on a report: met, not met or not measured."""
+"""The performance targets, evaluated on a report: met, not met or not measured."""
 
 from __future__ import annotations
 
