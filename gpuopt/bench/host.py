@@ -157,7 +157,7 @@ def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: i
     """Every host-time case; returns the report (``targets`` included) that ``--json`` writes.
     ``launches`` runs them on the GPU with real launches (synchronised before each timed call)."""
     from .devices import CupyDevice, NumpyDevice
-    from .runner import _versions
+    from .runner import software_versions
 
     shapes = [shape for _, shape in gpt2_shapes(layers, width)]
     many_shapes = [(4096,)] * many
@@ -196,7 +196,7 @@ def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: i
         "kind": "host",
         "device": device_info,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": software_versions(),
         "config": {"calls": calls, "tensors": len(shapes), "layers": layers, "width": width,
                    "parameters": sum(math.prod(s) for s in shapes), "many": many, "dtype": "float32",
                    "rules": ["ADAM", *CHAINS],

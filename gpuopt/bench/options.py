@@ -14,7 +14,7 @@ import numpy as np
 
 from ..arguments import choose_backend, non_negative_int, positive_int
 from ..rule import Rule
-from .workload import _ALIASES, RULES
+from .workload import ALIASES, RULES
 
 DTYPES = ("float32", "float16", "float64")
 DEFAULT_SIZES = {"cupy": (16, 28), "numpy": (16, 24)}
@@ -54,7 +54,7 @@ def parse_rules(text: str) -> list[tuple[str, Callable[[], Rule]]]:
     chosen: list[tuple[str, Callable[[], Rule]]] = []
     for item in _split_top_level(text):
         key = item.lower()
-        name = _ALIASES.get(key) or by_lower.get(key)
+        name = ALIASES.get(key) or by_lower.get(key)
         if name is not None:
             factory = RULES[name]
         else:
@@ -172,7 +172,7 @@ def _pick_backend(name: str) -> str:
         raise BenchError(str(exc)) from None
 
 
-def _config(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace) -> Config:
     backend = _pick_backend(getattr(args, "backend", "auto"))
     rules = args.rules if not isinstance(args.rules, str) else parse_rules(args.rules)
     sizes = args.sizes
@@ -182,7 +182,7 @@ def _config(args: argparse.Namespace) -> Config:
     elif isinstance(sizes, str):
         sizes = parse_sizes(sizes)
     if getattr(args, "plot", None):
-        _matplotlib()  # fail now, not after the whole run
+        matplotlib_pyplot()  # fail now, not after the whole run
     for option in ("json", "plot"):
         if getattr(args, option, None):
             check_output_path(getattr(args, option), f"--{option}")
@@ -220,7 +220,7 @@ def check_output_path(path: str, option: str) -> None:
         raise BenchError(f"{option}: {target!r} is a directory")
 
 
-def _matplotlib() -> Any:
+def matplotlib_pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:

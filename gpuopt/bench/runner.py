@@ -25,13 +25,13 @@ from .devices import (
     CupyDevice,
     NumpyDevice,
     Timing,
-    _measure,
-    _torch_elapsed,
-    _torch_module,
-    _torch_variants,
-    _torch_view,
+    measure_steps,
+    torch_elapsed,
+    torch_module,
+    torch_variants,
+    torch_view,
 )
-from .options import Config, _config
+from .options import Config, config_from_args
 from .progress import Progress
 from .targets import evaluate_targets
 from .workload import bytes_per_element, check_counted_bytes, gpt2_shapes, state_slots
@@ -43,7 +43,7 @@ UNFUSED_TEMPORARIES = 6
 HOST_CALLS = 50  # update calls timed on the host for the model
 
 
-def _versions() -> dict[str, Any]:
+def software_versions() -> dict[str, Any]:
     from .. import __version__
 
     versions: dict[str, Any] = {"gpuopt": __version__, "numpy": np.__version__,
@@ -76,12 +76,12 @@ class _Runner:
 
     def torch(self) -> Any:
         if self._torch is False:
-            self._torch = _torch_module(self.config.backend == "cupy") if self.config.torch else None
+            self._torch = torch_module(self.config.backend == "cupy") if self.config.torch else None
         return self._torch
 
     def measure(self, steps: Callable[[int], None], elapsed: Callable | None = None) -> Timing:
         c = self.config
-        return _measure(elapsed or self.device.elapsed, steps, c.repeats, c.warmup, self.target_s)
+        return measure_steps(elapsed or self.device.elapsed, steps, c.repeats, c.warmup, self.target_s)
 
     def attempt(self, what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run a baseline; a failure is recorded (and shown) instead of ending the run."""
@@ -103,9 +103,9 @@ class _Runner:
 
     def _torch_adam(self, params: list[Any], grads: list[Any], kwargs: dict[str, Any]) -> Timing:
         torch = self.torch()
-        tparams = [_torch_view(torch, p) for p in params]
+        tparams = [torch_view(torch, p) for p in params]
         for tp, g in zip(tparams, grads):
-            tp.grad = _torch_view(torch, g)
+            tp.grad = torch_view(torch, g)
         opt = torch.optim.Adam(tparams, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kwargs)
 
         def steps(m: int) -> None:
@@ -113,7 +113,7 @@ class _Runner:
                 opt.step()
 
         try:
-            return self.measure(steps, _torch_elapsed(torch, self.device))
+            return self.measure(steps, torch_elapsed(torch, self.device))
         finally:  # free its state now rather than at the next garbage collection
             opt.state.clear()
             for tp in tparams:
@@ -126,9 +126,9 @@ class _Runner:
         torch = self.torch()
         from ..torch import Optimizer
 
-        tparams = [_torch_view(torch, p) for p in params]
+        tparams = [torch_view(torch, p) for p in params]
         for tp, g in zip(tparams, grads):
-            tp.grad = _torch_view(torch, g)
+            tp.grad = torch_view(torch, g)
         opt = Optimizer(tparams, ADAM())
 
         def steps(m: int) -> None:
@@ -136,7 +136,7 @@ class _Runner:
                 opt.step()
 
         try:
-            return self.measure(steps, _torch_elapsed(torch, self.device))
+            return self.measure(steps, torch_elapsed(torch, self.device))
         finally:
             opt.param_groups[0]["rule"].reset()
             for tp in tparams:
@@ -211,13 +211,13 @@ class _Runner:
                 baselines["unfused"] = self.attempt(
                     f"unfused {name} at 2^{k}", lambda: self._unfused(factory, x, g))
         if is_adam and self.torch() is not None:
-            for variant, kwargs in _torch_variants(device):
+            for variant, kwargs in torch_variants(device):
                 self.progress(f"{where}: {variant}", minor=True)
                 baselines[variant] = self.attempt(
                     f"{variant} at 2^{k}", lambda kwargs=kwargs: self._torch_adam([x], [g], kwargs).as_dict())
         for base in baselines.values():
-            if "time_s" in base:
-                base["speedup"] = base["time_s"] / timing.median
+            if "time_s" in base:  # gpuopt's time as a multiple of the baseline's
+                base["time_ratio"] = timing.median / base["time_s"]
         return entry
 
     def _unfused(self, factory: Callable[[], Rule], x: Any, g: Any) -> dict[str, Any]:
@@ -270,10 +270,10 @@ class _Runner:
         multi = variants["multi_tensor"]["time_s"]
         for name, v in variants.items():
             if name != "multi_tensor" and "time_s" in v:
-                v["ratio_to_multi_tensor"] = v["time_s"] / multi
+                v["time_ratio_to_multi_tensor"] = v["time_s"] / multi
         ours, fused = variants.get("gpuopt_torch", {}), variants.get("torch_fused", {})
         if "time_s" in ours and "time_s" in fused:  # the drop-in replacement against torch's best
-            ours["ratio_to_torch_fused"] = ours["time_s"] / fused["time_s"]
+            ours["time_ratio_to_torch_fused"] = ours["time_s"] / fused["time_s"]
         info["variants"] = variants
         return info
 
@@ -326,7 +326,7 @@ class _Runner:
             if "error" in outcome:
                 record("unfused_loop", outcome)
         if self.torch() is not None:
-            for variant, kwargs in _torch_variants(device):
+            for variant, kwargs in torch_variants(device):
                 self.progress(f"{label}: {variant}", minor=True)
                 outcome = self.attempt(f"{variant} on the model",
                                        lambda variant=variant, kwargs=kwargs: record(
@@ -343,7 +343,7 @@ class _Runner:
 def benchmark(config: Config | argparse.Namespace, progress: Progress | None = None) -> dict[str, Any]:
     """Run the benchmark and return the report (what ``--json`` writes)."""
     if isinstance(config, argparse.Namespace):
-        config = _config(config)
+        config = config_from_args(config)
     progress = progress or Progress(enabled=False)
     wrong = check_counted_bytes()
     if wrong:  # the derivation and the hand count disagree: say so, loudly, in the report
@@ -366,7 +366,7 @@ def benchmark(config: Config | argparse.Namespace, progress: Progress | None = N
         "schema": 1,
         "device": {"name": device.name(), "backend": config.backend, **device.info()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": software_versions(),
         "config": {
             "rules": [name for name, _ in config.rules], "sizes_log2": config.sizes,
             "dtype": config.dtype.name, "repeats": config.repeats, "warmup": config.warmup,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .report import _fmt_time
+from .report import format_time
 from .workload import CHAIN
 
 
@@ -47,7 +47,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         if r is None:
             return "ADAM at 2^28 was not measured (--sizes must include 28, --rules ADAM)"
         ratio = r["time_s"] / r["time_at_copy_bw_s"]
-        return ratio, (f"{_fmt_time(r['time_s'])} per step vs {_fmt_time(r['time_at_copy_bw_s'])} "
+        return ratio, (f"{format_time(r['time_s'])} per step vs {format_time(r['time_at_copy_bw_s'])} "
                        f"at copy bandwidth ({r['pct_copy']:.1f}% of copy)")
 
     def adam_torch() -> tuple[float, str] | str:
@@ -58,20 +58,20 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         if "time_s" not in base:
             why = base.get("error", "PyTorch with CUDA not importable")
             return f"torch.optim.Adam(fused=True) not measured ({why})"
-        return r["time_s"] / base["time_s"], (f"gpuopt {_fmt_time(r['time_s'])} vs torch fused "
-                                              f"{_fmt_time(base['time_s'])}")
+        return r["time_s"] / base["time_s"], (f"gpuopt {format_time(r['time_s'])} vs torch fused "
+                                              f"{format_time(base['time_s'])}")
 
     def model_torch() -> tuple[float, str] | str:
         if "multi_tensor" not in variants or "time_s" not in variants.get("torch_fused", {}):
             return "model comparison with torch fused Adam not measured"
         a, b = variants["multi_tensor"]["time_s"], variants["torch_fused"]["time_s"]
-        return a / b, f"gpuopt {_fmt_time(a)} vs torch fused {_fmt_time(b)} ({model['tensors']} tensors)"
+        return a / b, f"gpuopt {format_time(a)} vs torch fused {format_time(b)} ({model['tensors']} tensors)"
 
     def model_flat() -> tuple[float, str] | str:
         if "multi_tensor" not in variants or "flat" not in variants:
             return "model comparison not measured (--model)"
         a, b = variants["multi_tensor"]["time_s"], variants["flat"]["time_s"]
-        return a / b, f"{model['tensors']} tensors {_fmt_time(a)} vs one flat tensor {_fmt_time(b)}"
+        return a / b, f"{model['tensors']} tensors {format_time(a)} vs one flat tensor {format_time(b)}"
 
     def host_time() -> tuple[float, str] | str:
         host = variants.get("multi_tensor", {}).get("host_time_s")
@@ -86,7 +86,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             return f"ADAM and {CHAIN} not both measured"
         k = max(common)
         a, b = _find(report, CHAIN, k)["time_s"], _find(report, "ADAM", k)["time_s"]
-        return a / b, f"at 2^{k}: chain {_fmt_time(a)} vs ADAM {_fmt_time(b)}"
+        return a / b, f"at 2^{k}: chain {format_time(a)} vs ADAM {format_time(b)}"
 
     def numpy_plain() -> tuple[float, str] | str:
         r = _find(report, "ADAM", 24)
@@ -95,8 +95,8 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         base = r["baselines"].get("unfused", {})
         if "time_s" not in base:
             return "plain NumPy formula not measured (--baselines)"
-        return r["time_s"] / base["time_s"], (f"gpuopt {_fmt_time(r['time_s'])} vs plain NumPy "
-                                              f"{_fmt_time(base['time_s'])}")
+        return r["time_s"] / base["time_s"], (f"gpuopt {format_time(r['time_s'])} vs plain NumPy "
+                                              f"{format_time(base['time_s'])}")
 
     target("gpu_adam_copy_bandwidth", "GPU: ADAM 2^28 float32 within 1.1x of bytes moved / copy bandwidth",
            "cupy", adam_copy, 1.1)

@@ -21,7 +21,7 @@ RULES: dict[str, Callable[[], Rule]] = {
     **{cls.__name__: cls for cls in OPTIMISERS},
     CHAIN: lambda: Optimiser(ClipValue(1), WeightDecay(1e-4), ADAM()),
 }
-_ALIASES = {"clip+wd+adam": CHAIN, "chain": CHAIN}
+ALIASES = {"clip+wd+adam": CHAIN, "chain": CHAIN}
 
 #: bytes a step moves per element for float32 parameters, counted by hand (x and g read, x
 #: written, each state slot read and written): the derivation below must agree
