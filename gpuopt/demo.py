@@ -28,6 +28,7 @@ import numpy as np
 
 from .api import update
 from .arguments import at_least_two, choose_backend, non_negative_int, parse_optimiser, positive_int
+from .backends import describe
 from .dispatch import cupy_module
 from .rule import Rule
 
@@ -215,7 +216,8 @@ def train(
     width = len(str(steps))
     say(
         f"gpuopt demo: MLP 2-{hidden}-{classes} ({activation}) on {dataset} "
-        f"({samples} train / {len(y_np) - samples} test), backend {backend}, batch {batch_size}, "
+        f"({samples} train / {len(y_np) - samples} test), backend {describe(backend)}, batch "
+        f"{batch_size}, "
         f"{steps} steps, seed {seed}"
     )
     say(f"optimiser: {opt!r}")

@@ -27,6 +27,8 @@ from itertools import repeat
 from operator import attrgetter
 from typing import Any
 
+import numpy as np
+
 from .backends import get_backend
 from .backends.protocol import Job, PreparedLaunch
 from .memory import Disjoint
@@ -51,6 +53,14 @@ def step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[
 POINTER_READERS: dict[type, Callable[[Any], int]] = {}
 
 
+def _writeable(array: Any) -> bool:
+    return array.flags.writeable
+
+
+def _aligned(array: Any) -> bool:
+    return getattr(getattr(array, "flags", None), "aligned", True)
+
+
 class _ArrayKind:
     """How to read, at C speed over a list, the address of one type of array and what must
     stay the same for a new array to take an old one's place in the tables."""
@@ -67,9 +77,9 @@ class _ArrayKind:
             self.pointer = attrgetter("data.ptr")
             self.layout = (attrgetter("dtype"), attrgetter("shape"), attrgetter("strides"),
                            attrgetter("data.device_id"))
-        else:  # the backend's own arrays
+        else:  # the backend's own arrays (a NumPy array may also be unaligned: kernels cannot read it)
             self.pointer = POINTER_READERS.get(kind, device_pointer)
-            self.layout = (attrgetter("dtype"), attrgetter("shape"), attrgetter("strides"))
+            self.layout = (attrgetter("dtype"), attrgetter("shape"), attrgetter("strides"), _aligned)
         # (one attribute per pass over the arrays: cheaper than a tuple per array)
 
     def pointers(self, arrays: Sequence[Any]) -> list[int]:
@@ -105,6 +115,7 @@ class PreparedUpdate:
         self.param_ids = tuple(map(id, params))
         # A torch parameter keeps its identity when its storage is replaced (p.data = ...).
         self.param_pointers = param_kind.pointers(params) if param_kind.torch else None
+        self.writeable_flags = isinstance(params[0], np.ndarray)  # (native code ignores the flag)
         self.grad_types = list(map(type, grads))
         self.grad_layouts = grad_kind.layouts(grads)
         self.param_memory = Disjoint([job.x for job in jobs], [job.g for job in jobs])  # new gradients: apart
@@ -153,8 +164,9 @@ class PreparedUpdate:
                 or opt.leaves() != self.leaves
                 or plan(opt) is not self.program
                 or tuple(leaf.state_version for leaf in self.leaves) != self.versions
-                or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)):
-            return False
+                or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)
+                or (self.writeable_flags and not all(map(_writeable, params)))):
+            return False  # (a NumPy parameter made read-only since: the full path refuses it)
         ids = tuple(map(id, grads))
         if not (self.grads_alive and ids == self.grad_ids) and not self._take_gradients(grads, ids):
             return False

@@ -245,9 +245,16 @@ def _preamble(program: Program, param: np.dtype, grad: np.dtype, apply: bool) ->
 
 
 @functools.lru_cache(maxsize=512)
+def step_source(program: Program, param: np.dtype, grad: np.dtype, apply: bool) -> str:
+    """The generated part of a module (types, sizes, gpuopt_step and gpuopt_terms), which the
+    native CPU modules share with the CUDA ones."""
+    return _preamble(program, np.dtype(param), np.dtype(grad), apply)
+
+
+@functools.lru_cache(maxsize=512)
 def module_source(program: Program, param: np.dtype, grad: np.dtype, apply: bool) -> str:
     """The complete CUDA source of one program's kernels, exactly as NVRTC compiles it."""
-    parts = [_preamble(program, np.dtype(param), np.dtype(grad), apply)]
+    parts = [step_source(program, param, grad, apply)]
     parts += [f"// ---- kernels/{name} ----\n{_template(name)}" for name in KERNEL_FILES]
     return "\n".join(parts)
 

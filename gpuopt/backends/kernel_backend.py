@@ -157,6 +157,8 @@ class KernelBackend:
         self.device = device
         self.xp = device.xp
         self.placement: Placement = device if isinstance(device, Placement) else HostMemory()
+        # A device may compile its own text from the same printed step (the native CPU one).
+        self._source = getattr(device, "module_source", module_source)
         self._tables: dict[tuple[str, int], _Tables] = {}  # by module source and device
         self._counters: list[LaunchCounter] = []
         self._null: dict[int, Any] = {}
@@ -228,7 +230,7 @@ class KernelBackend:
         """Launches for repeating this update on the same parameters: tables are built now
         (owned by the launchers), and each call only launches, with one row of host scalars
         shared by every array. None if an array needs a contiguous copy."""
-        if not all(job.x.flags.c_contiguous and job.g.flags.c_contiguous for job in jobs):
+        if not all(_direct(job.x) and _direct(job.g) for job in jobs):
             return None
         place = self.placement
         index = {id(job): i for i, job in enumerate(jobs)}
@@ -240,7 +242,7 @@ class KernelBackend:
                     kept = [index[id(placed[i])] for i in positions if placed[i].x.size]
                     if kept:
                         live = [(jobs[i], jobs[i].x, jobs[i].g) for i in kept]
-                        source = module_source(program, param, grad, False)
+                        source = self._source(program, param, grad, False)
                         launcher = _MultiTensor(self, source, program, compute_dtype(param), live, False,
                                                 device, owned=True)
                         launchers.append((launcher, kept))
@@ -293,7 +295,7 @@ class KernelBackend:
         if not kept:
             return lambda rows: None
         live = [flat[i] for i in kept]
-        source = module_source(program, param, grad, apply)
+        source = self._source(program, param, grad, apply)
         ct = compute_dtype(param)
         single = len(live) == 1 and not program.levels
         names = ["gpuopt_elementwise"] if single else ["gpuopt_multi_reduce"] * bool(program.levels) + [
@@ -358,14 +360,14 @@ class _MultiTensor:
             row[:4] = (pointer(x), pointer(g), pointer(job.out if apply else x), x.size)
             for k, slot in enumerate(job.slots):
                 row[TABLE_COLUMNS + k] = pointer(slot)
-        if owned:
+        tables = None if owned else backend._tables.get((source, device))
+        if tables is None or not np.array_equal(tables.host_table, host):
+            # Always a new object, filled before it is published: a launcher being built in
+            # another thread keeps the consistent set it read.
             tables = _Tables()
-        else:
-            tables = backend._tables.get((source, device))
-            if tables is None:
-                tables = backend._tables[(source, device)] = _Tables()
-        if tables.host_table is None or not np.array_equal(tables.host_table, host):
             self._build(tables, host, program)
+            if not owned:
+                backend._tables[(source, device)] = tables
         # Its own references: a later group with the same source but other arrays replaces
         # the cached tables, not these.
         self.host = tables.host_table
@@ -504,5 +506,13 @@ def _dtype_groups(jobs: Sequence[Any]) -> dict[tuple, list[int]]:
     return groups
 
 
+def _direct(array: Any) -> bool:
+    """Whether kernels can use the array's memory as is: contiguous and aligned to its element
+    size (a NumPy array can be neither; a CuPy array is always aligned)."""
+    return array.flags.c_contiguous and getattr(array.flags, "aligned", True)
+
+
 def _contiguous(xp: Any, array: Any) -> Any:
-    return array if array.flags.c_contiguous else xp.ascontiguousarray(array)
+    if not array.flags.c_contiguous:
+        return xp.ascontiguousarray(array)
+    return array if _direct(array) else array.copy()  # (a copy is aligned)

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,7 +67,46 @@ class NumpyDevice:
         return platform.processor() or platform.machine() or "unknown CPU"
 
     def info(self) -> dict[str, Any]:
-        return {"cpu_count": os.cpu_count(), "platform": platform.platform()}
+        from ..backends import describe
+
+        return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu_backend": describe("numpy"),
+                "threads": self.threads()}
+
+    @staticmethod
+    def native() -> Any:
+        """The native device when NumPy arrays run on native code, else None."""
+        from ..backends import cpu_backend
+
+        return getattr(cpu_backend(), "device", None)
+
+    def threads(self) -> int:
+        """Threads an update uses (the NumPy executor: one)."""
+        native = self.native()
+        return native.cpu_threads if native is not None else 1
+
+    def build_times(self) -> dict[str, Any] | None:
+        """Seconds to build one native module from nothing (a fresh cache folder) and to load it
+        again as a new process would (cache on disk, compiler version asked anew)."""
+        import tempfile
+
+        from ..backends import cxx_build
+        from ..backends.native_backend import NativeDevice
+        from ..plan import plan
+        from ..rules import ADAM
+
+        native = self.native()
+        if native is None:
+            return None
+        float32 = np.dtype(np.float32)
+        with tempfile.TemporaryDirectory(prefix="gpuopt-bench-build-") as folder:
+            times = {}
+            for what in ("first_build_s", "cached_start_s"):
+                cxx_build.compiler_identity.cache_clear()
+                start = time.perf_counter()
+                device = NativeDevice(native.compiler, Path(folder))
+                device.library(device.module_source(plan(ADAM()), float32, float32, False))
+                times[what] = time.perf_counter() - start
+        return times
 
     def sync(self) -> None:
         pass
@@ -97,8 +137,9 @@ class NumpyDevice:
             gc.collect()
 
     def copy_bandwidth(self, repeats: int) -> dict[str, Any]:
-        """GB/s of ``np.copyto`` between two 256 MiB buffers (bytes read + written): far larger
-        than any cache, so it is memory bandwidth."""
+        """GB/s of a copy between two 256 MiB buffers (bytes read + written): far larger than
+        any cache, so it is memory bandwidth. With native code it is a native copy on the
+        threads an update uses; ``np.copyto`` (one thread) is measured as well."""
         nbytes = COPY_BYTES["numpy"]
         free = self.free_bytes()
         if free is not None:
@@ -109,7 +150,20 @@ class NumpyDevice:
         timing = measure_steps(self.elapsed, lambda m: [np.copyto(dst, src) for _ in range(m)],
                           max(repeats, 5), 1, 0.0)
         gbps = 2 * n * 4 / timing.median / 1e9
-        return {"gbps": gbps, "method": "np.copyto", "buffer_bytes": n * 4, "time_s": timing.median}
+        result = {"gbps": gbps, "method": "np.copyto", "buffer_bytes": n * 4, "time_s": timing.median}
+        native = self.native()
+        if native is not None:
+            from ..backends.native_backend import NativeDevice
+            from ..plan import plan
+            from ..rules import Descent
+
+            float32 = np.dtype(np.float32)
+            source = NativeDevice.module_source(plan(Descent()), float32, float32, False)
+            threaded = measure_steps(self.elapsed, lambda m: [native.copy(dst, src, source) for _ in range(m)],
+                                max(repeats, 5), 1, 0.0)
+            result.update(gbps=2 * n * 4 / threaded.median / 1e9, time_s=threaded.median, np_copyto_gbps=gbps,
+                          method=f"native copy, {native.cpu_threads} threads")
+        return result
 
 
 class CupyDevice:

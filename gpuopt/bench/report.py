@@ -40,9 +40,16 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['config']['timer']}, median of {report['config']['repeats']} repeats",
         f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['method']}"
         + (f"; cudaMemcpy {copy['memcpy_gbps']:.1f}, copy kernel {copy['copy_kernel_gbps']:.1f}"
-           if "memcpy_gbps" in copy else "") + ")",
-        "",
+           if "memcpy_gbps" in copy else "")
+        + (f"; np.copyto {copy['np_copyto_gbps']:.1f}" if "np_copyto_gbps" in copy else "") + ")",
     ]
+    if "cpu_backend" in dev:
+        lines.append(f"NumPy arrays on: {dev['cpu_backend']}")
+    if report.get("native_build"):
+        b = report["native_build"]
+        lines.append(f"native module: first build {b['first_build_s']:.2f} s, cached start "
+                     f"{b['cached_start_s'] * 1e3:.1f} ms")
+    lines.append("")
     baseline_keys: list[str] = []
     for entry in report["results"]:
         for key in entry["baselines"]:

@@ -77,6 +77,8 @@ class _Runner:
     def torch(self) -> Any:
         if self._torch is False:
             self._torch = torch_module(self.config.backend == "cupy") if self.config.torch else None
+            if self._torch is not None and self.config.backend == "numpy":
+                self._torch.set_num_threads(self.device.threads())  # the same threads as gpuopt
         return self._torch
 
     def measure(self, steps: Callable[[int], None], elapsed: Callable | None = None) -> Timing:
@@ -355,6 +357,7 @@ def benchmark(config: Config | argparse.Namespace, progress: Progress | None = N
         progress("measuring copy bandwidth")
         copy = device.copy_bandwidth(config.repeats)
         device.release()
+        builds = device.build_times() if config.backend == "numpy" else None
         results, skipped = runner.sizes()
         model = runner.model() if config.model else None
     finally:
@@ -376,6 +379,7 @@ def benchmark(config: Config | argparse.Namespace, progress: Progress | None = N
         "bytes_per_element_check": {"counted_float32": "ok" if not wrong else
                                     {k: {"derived": d, "counted": s} for k, (d, s) in wrong.items()}},
         "copy_bandwidth": copy,
+        "native_build": builds,
         "results": results,
         "skipped": skipped,
         "model": model,

@@ -98,6 +98,41 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         return r["time_s"] / base["time_s"], (f"gpuopt {format_time(r['time_s'])} vs plain NumPy "
                                               f"{format_time(base['time_s'])}")
 
+    def cpu_adam_torch() -> tuple[float, str] | str:
+        r = _find(report, "ADAM", 24)
+        if r is None:
+            return "ADAM at 2^24 was not measured (--sizes must include 24)"
+        base = r["baselines"].get("torch_fused", {})
+        if "time_s" not in base:
+            return f"torch.optim.Adam(fused=True) not measured ({base.get('error', 'PyTorch not importable')})"
+        return r["time_s"] / base["time_s"], (f"gpuopt {format_time(r['time_s'])} vs torch fused "
+                                              f"{format_time(base['time_s'])}, {threads} threads each")
+
+    def cpu_rules_plain() -> tuple[float, str] | str:
+        rows = [r for r in report["results"] if r["log2"] >= 16 and "time_s" in r["baselines"].get("unfused", {})]
+        if not rows:
+            return "no rule measured with its plain formula from 2^16 up"
+        worst = max(rows, key=lambda r: r["time_s"] / r["baselines"]["unfused"]["time_s"])
+        ratio = worst["time_s"] / worst["baselines"]["unfused"]["time_s"]
+        return ratio, f"slowest relative to its plain formula: {worst['rule']} at 2^{worst['log2']} ({len(rows)} rows)"
+
+    def cpu_small_descent() -> tuple[float, str] | str:
+        r = _find(report, "Descent", 10)
+        if r is None or "time_s" not in r["baselines"].get("unfused", {}):
+            return "Descent at 2^10 with its plain formula was not measured (--sizes 10, --rules Descent)"
+        base = r["baselines"]["unfused"]["time_s"]
+        return r["time_s"] / base, f"gpuopt {format_time(r['time_s'])} vs plain NumPy {format_time(base)}"
+
+    def cpu_build(which: str) -> Callable[[], tuple[float, str] | str]:
+        def check() -> tuple[float, str] | str:
+            builds = report.get("native_build")
+            if not builds:
+                return "NumPy arrays did not run on native code in this run"
+            return builds[which], "one ADAM module, a fresh cache folder" if which == "first_build_s" else \
+                "ADAM module from the cache, compiler version asked anew"
+        return check
+
+    threads = report["device"].get("threads")
     target("gpu_adam_copy_bandwidth", "GPU: ADAM 2^28 float32 within 1.1x of bytes moved / copy bandwidth",
            "cupy", adam_copy, 1.1)
     target("gpu_adam_vs_torch_fused", "GPU: ADAM 2^28 float32 no slower than torch.optim.Adam(fused=True)",
@@ -110,6 +145,18 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
            "cupy", host_time, 100.0, strict=True)
     target("gpu_chain_vs_adam", f"GPU: {CHAIN} within 1.05x of ADAM",
            "cupy", chain_adam, 1.05)
+    target("cpu_adam_vs_torch_fused", "CPU: ADAM 2^24 float32 no slower than torch.optim.Adam(fused=True)",
+           "numpy", cpu_adam_torch, 1.0)
+    target("cpu_model_vs_torch_fused", "CPU: GPT-2 model ADAM no slower than torch.optim.Adam(fused=True)",
+           "numpy", model_torch, 1.0)
+    target("cpu_rules_vs_plain", "CPU: every rule at every size from 2^16 at least as fast as its plain formula",
+           "numpy", cpu_rules_plain, 1.0)
+    target("cpu_small_descent", "CPU: Descent on 2^10 elements within 8x of the plain formula",
+           "numpy", cpu_small_descent, 8.0)
+    target("cpu_first_build", "CPU: first build of a native module within 3 s",
+           "numpy", cpu_build("first_build_s"), 3.0)
+    target("cpu_cached_start", "CPU: a native module from the cache within 50 ms",
+           "numpy", cpu_build("cached_start_s"), 0.05)
     target("numpy_adam_vs_plain", "NumPy: ADAM 2^24 float32 at most 0.4x the time of the plain-NumPy formula",
            "numpy", numpy_plain, 0.4)
     return targets

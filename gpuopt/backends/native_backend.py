@@ -1,0 +1,214 @@
+"""The native CPU backend: NumPy arrays updated by C++ compiled from the printed step.
+
+A module is ``kernels/native_prelude.h``, the generated part of the CUDA module for the same
+program and dtypes (:func:`cuda_source.step_source`: nothing of a rule is written twice), and
+``kernels/native.cpp``, whose entry points mirror the CUDA kernels. It is built by the system
+C++ compiler (:mod:`cxx_build`: cached per user on disk, keyed on the text, the flags and the
+compiler's version, safe when several threads or processes build it at once) and loaded with
+ctypes. The host logic is the kernel backend's: one call per dtype group over a table of
+pointers and sizes, reused while the arrays stay, and the prepared repeat of an update.
+
+Flags: optimised, vectorised (OpenMP's simd loops), no fast-math and no FMA contraction, so that every
+result equals the NumPy executor's bit for bit. ``-march=native`` is used where the compiler
+accepts it; the CPU it builds for is part of the cache key.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..plan import Program
+from . import cxx_build
+from .cuda_source import _template, step_source
+from .nvrtc import cache_dir  # the one per-user cache folder (native modules go in native/)
+
+#: the flags every native module is built with: bit-identical to NumPy (no fast-math, no
+#: contraction into FMA; -fno-math-errno only lets sqrt be an instruction), optimised and
+#: vectorised
+BASE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno",
+              "-w")
+#: tried in order until one builds: this CPU's instruction set and OpenMP's simd loops (no
+#: OpenMP runtime: the threads are the driver's own), then each left out
+OPTIONAL_FLAGS = (("-march=native", "-fopenmp-simd"), ("-fopenmp-simd",), ())
+
+
+def cpu_threads() -> int:
+    """Threads per update: ``$GPUOPT_CPU_THREADS``, else the CPUs this process may run on (its
+    affinity, capped by a container's CPU quota: more threads than that only wait their turn)."""
+    text = os.environ.get("GPUOPT_CPU_THREADS", "")
+    if text.strip().isdigit() and int(text) > 0:
+        return int(text)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+@functools.lru_cache(maxsize=1)
+def _target() -> str:
+    """The CPU that -march=native builds for (machine and instruction-set flags)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}\n{flags}"
+
+
+class NativeDevice:
+    """The CPU as a device of the kernel backend: NumPy arrays, native modules, its own threads."""
+
+    xp = np
+    threads = 1  # (the kernel backend's launch geometry means nothing here)
+    max_blocks = 1 << 30
+
+    def __init__(self, compiler: str, cache: Path | None = None):
+        self.compiler = compiler
+        self.cache = cache or cache_dir() / "native"
+        self.cpu_threads = cpu_threads()
+        self.builds = 0  # modules this process built or loaded (tests check eta never adds one)
+        self._flags: tuple[str, ...] | None = None  # the first of OPTIONAL_FLAGS that worked
+        self._libraries: dict[str, ctypes.CDLL] = {}
+        self._functions: dict[tuple[str, str], Callable] = {}
+        self._locks: dict[str, threading.Lock] = {}  # (other processes: cxx_build makes them safe)
+
+    # -- the Device protocol -----------------------------------------------------------------
+
+    @staticmethod
+    @functools.lru_cache(maxsize=512)
+    def module_source(program: Program, param: np.dtype, grad: np.dtype, apply: bool) -> str:
+        """The complete C++ of one native module, as the compiler gets it."""
+        return "\n".join([
+            f"// ---- kernels/native_prelude.h ----\n{_template('native_prelude.h')}",
+            step_source(program, param, grad, apply),
+            f"// ---- kernels/native.cpp ----\n{_template('native.cpp')}",
+        ])
+
+    def kernel(self, source: str, name: str) -> Callable[[int, int, Sequence[Any]], None]:
+        launch = self._functions.get((source, name))
+        if launch is None:
+            launch = self._functions[(source, name)] = self._launcher(self.library(source), name)
+        return launch
+
+    @staticmethod
+    def pointer(array: np.ndarray) -> int:
+        return array.ctypes.data
+
+    # -- building --------------------------------------------------------------------------------
+
+    def library(self, source: str) -> ctypes.CDLL:
+        """The loaded module for ``source``, built first if no build is cached."""
+        library = self._libraries.get(source)
+        if library is None:
+            with self._locks.setdefault(source, threading.Lock()):  # one build per module here
+                library = self._libraries.get(source)
+                if library is None:
+                    library = self._libraries[source] = ctypes.CDLL(str(self._build(source) / "module.so"))
+                    self.builds += 1
+        return library
+
+    def _build(self, source: str) -> Path:
+        files = {"module.cpp": source, "cuda_fp16.h": _template("native_fp16.h"),
+                 "cuda_bf16.h": _template("native_bf16.h"), "target.txt": _target()}
+        choices = [self._flags] if self._flags is not None else list(OPTIONAL_FLAGS)
+        for k, extra in enumerate(choices):
+            command = [self.compiler, *BASE_FLAGS, *extra, "-I.", "module.cpp", "-o", "module.so"]
+            try:
+                folder = cxx_build.build([command], files, self.cache)
+            except cxx_build.BuildError:
+                if k == len(choices) - 1:
+                    raise
+                continue
+            self._flags = extra
+            return folder
+        raise AssertionError("unreachable")
+
+    def _launcher(self, library: ctypes.CDLL, name: str) -> Callable[[int, int, Sequence[Any]], None]:
+        function = getattr(library, name)
+        function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_char_p]
+        function.restype = ctypes.c_int
+        pack, ndarray, floating = struct.pack, np.ndarray, (float, np.floating)
+        objects = _data_offset()
+        address = id if objects >= 0 else _data_pointer
+
+        def launch(blocks: int, threads: int, args: Sequence[Any]) -> None:
+            # One 8-byte word per argument: arrays (see kernels/native.cpp), floats as doubles,
+            # integers. The arrays stay referenced by ``args`` for the whole call.
+            codes, words = [], []
+            for arg in args:
+                if isinstance(arg, ndarray):
+                    codes.append("Q")
+                    words.append(address(arg))
+                elif isinstance(arg, floating):
+                    codes.append("d")
+                    words.append(arg)
+                else:
+                    codes.append("q")
+                    words.append(arg)
+            if function(self.cpu_threads, objects, pack("".join(codes), *words)):
+                raise MemoryError(f"{name}: out of memory")
+
+        return launch
+
+    def copy(self, dst: np.ndarray, src: np.ndarray, source: str) -> None:
+        """``dst[...] = src`` (contiguous, same size) with the update's threads (benchmarks)."""
+        self.kernel(source, "gpuopt_copy")(1, 1, [dst, src, np.int64(src.nbytes)])
+
+
+def _data_pointer(array: np.ndarray) -> int:
+    return array.ctypes.data
+
+
+@functools.lru_cache(maxsize=1)
+def _data_offset() -> int:
+    """Where a NumPy array object keeps its data pointer, counted from the object's address
+    (``id`` in CPython): right after the object header. Checked on a probe array; -1 (pass
+    pointers) where that does not hold."""
+    if platform.python_implementation() != "CPython":
+        return -1
+    probe = np.arange(3.0)
+    offset = object.__basicsize__
+    if ctypes.c_void_p.from_address(id(probe) + offset).value != probe.ctypes.data:
+        return -1
+    return offset
+
+
+def native_backend() -> tuple[Any, str | None]:
+    """``(backend, None)`` where a compiler builds and loads native modules here, else
+    ``(None, why not)``. The check builds one small module (cached like any other)."""
+    from ..plan import plan
+    from ..rules import Descent
+    from .kernel_backend import KernelBackend
+
+    compiler = cxx_build.find_compiler()
+    if compiler is None:
+        wanted = os.environ.get("CXX") or "c++, g++ or clang++"
+        return None, f"no C++ compiler found ({wanted})"
+    device = NativeDevice(compiler)
+    try:
+        float32 = np.dtype(np.float32)
+        device.library(device.module_source(plan(Descent()), float32, float32, False))
+    except (cxx_build.BuildError, OSError, subprocess.SubprocessError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return None, f"{Path(compiler).name} could not build a module ({first})"
+    return KernelBackend(device), None
