@@ -228,6 +228,14 @@ class Unfused:
                             for leaf in rule.leaves()], xp)
         self._held: dict[int, Any] = {}  # id -> the array, so an id is never reused while held
 
+    @classmethod
+    def by_name(cls, name: str, xp: Any = np, *args: Any, **kwargs: Any) -> Unfused:
+        """Rule ``name``'s plain formula alone, with hyperparameters as its constructor takes
+        them (``Unfused.by_name("ADAM", np, 1e-3)``), without building the gpuopt rule."""
+        unfused = cls.__new__(cls)
+        unfused.plain, unfused._held = Plain([(name, bind(name, *args, **kwargs))], xp), {}
+        return unfused
+
     def step(self, x: Any, g: Any) -> None:
         """``x -= d`` for one step of the rule: ``x`` in place, ``g`` untouched."""
         if self._held.get(id(x)) is not x:

@@ -116,6 +116,20 @@ def test_unfused_many_tensors_keeps_state_per_tensor():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_unfused_by_rule_name_equals_unfused_of_the_rule():
+    rng = np.random.default_rng(2)
+    x_named, x_rule = rng.standard_normal(50), rng.standard_normal(50)
+    x_rule[...] = x_named
+    named, of_rule = bench.Unfused.by_name("NADAM", np, 0.01, eps=1e-4), bench.Unfused(gpuopt.NADAM(0.01, eps=1e-4), np)
+    for _ in range(5):
+        g = rng.standard_normal(50)
+        named.step(x_named, g)
+        of_rule.step(x_rule, g)
+    np.testing.assert_array_equal(x_named, x_rule)
+    with pytest.raises(TypeError, match="thresh"):
+        bench.Unfused.by_name("ClipNorm", np)
+
+
 def test_unfused_rejects_rules_without_a_formula():
     with pytest.raises(NotImplementedError, match="SignMomentum"):
         bench.Unfused(gpuopt.Optimiser(gpuopt.ClipValue(1.0), SignMomentum()), np)

@@ -462,6 +462,12 @@ def test_unknown_attribute_is_refused_with_a_hint(name, hint):
     assert repr(opt) == before and name not in vars(opt)
 
 
+def test_adamw_hints_at_its_own_hyperparameters():
+    """ADAMW's hyperparameters are its members' (properties), and the hint names them."""
+    with pytest.raises(AttributeError, match=r"did you mean 'decay'\?.*eta, beta, decay, eps"):
+        gpuopt.ADAMW().weight_decay = 0.1
+
+
 def test_custom_rules_may_keep_their_own_attributes():
     class Scaled(gpuopt.Rule):
         eta = gpuopt.Hyper(1.0)

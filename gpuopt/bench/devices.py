@@ -38,7 +38,7 @@ class Timing:
 
 
 def measure_steps(elapsed: Callable[[Callable[[], None]], float], steps: Callable[[int], None],
-             repeats: int, warmup: int, target_s: float) -> Timing:
+                  repeats: int, warmup: int, target_s: float) -> Timing:
     """Warm up, pick how many steps one repeat runs, then time ``repeats`` repeats."""
     if warmup:
         elapsed(lambda: steps(warmup))
@@ -148,7 +148,7 @@ class NumpyDevice:
         src = np.ones(n, dtype=np.float32)
         dst = np.zeros(n, dtype=np.float32)
         timing = measure_steps(self.elapsed, lambda m: [np.copyto(dst, src) for _ in range(m)],
-                          max(repeats, 5), 1, 0.0)
+                               max(repeats, 5), 1, 0.0)
         gbps = 2 * n * 4 / timing.median / 1e9
         result = {"gbps": gbps, "method": "np.copyto", "buffer_bytes": n * 4, "time_s": timing.median}
         native = self.native()
@@ -160,7 +160,7 @@ class NumpyDevice:
             float32 = np.dtype(np.float32)
             source = NativeDevice.module_source(plan(Descent()), float32, float32, False)
             threaded = measure_steps(self.elapsed, lambda m: [native.copy(dst, src, source) for _ in range(m)],
-                                max(repeats, 5), 1, 0.0)
+                                          max(repeats, 5), 1, 0.0)
             result.update(gbps=2 * n * 4 / threaded.median / 1e9, time_s=threaded.median, np_copyto_gbps=gbps,
                           method=f"native copy, {native.cpu_threads} threads")
         return result
@@ -252,9 +252,9 @@ class CupyDevice:
         dst = cupy.zeros(n, dtype=cupy.float32)
         kernel = cupy.ElementwiseKernel("T x", "T y", "y = x", "gpuopt_bench_copy")
         memcpy = measure_steps(self.elapsed, lambda m: [dst.data.copy_from_device_async(src.data, n * 4)
-                                                    for _ in range(m)], max(repeats, 10), 3, 0.0)
+                                                         for _ in range(m)], max(repeats, 10), 3, 0.0)
         copy_kernel = measure_steps(self.elapsed, lambda m: [kernel(src, dst) for _ in range(m)],
-                               max(repeats, 10), 3, 0.0)
+                                    max(repeats, 10), 3, 0.0)
         rates = {"cudaMemcpy": 2 * n * 4 / memcpy.median / 1e9,
                  "copy_kernel": 2 * n * 4 / copy_kernel.median / 1e9}
         best = max(rates, key=rates.get)
