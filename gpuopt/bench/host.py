@@ -38,7 +38,7 @@ from ..rule import Rule
 from ..rules import ADAM, ClipNorm, ClipValue, WeightDecay
 from .workload import gpt2_shapes
 
-#: the targets of the issue, in microseconds or as ratios
+#: the host-time targets, in microseconds or as ratios
 SAME_LIMIT_US, NEW_LIMIT_US, MANY_RATIO, CHAIN_RATIO = 25.0, 60.0, 2.0, 1.3
 
 
@@ -226,7 +226,7 @@ def _torch() -> Any:
 
 
 def host_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's host-time targets on a host report: met, not met or not measured."""
+    """The host-time targets on a host report: met, not met or not measured."""
     cases = report["cases"]
     many = report["config"]["many"]
     targets = []

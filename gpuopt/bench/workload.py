@@ -13,7 +13,7 @@ from ..plan import plan
 from ..rule import Rule
 from ..rules import ADAM, OPTIMISERS, ClipValue, WeightDecay
 
-#: the fused chain of the issue: clipping and weight decay in front of ADAM, one kernel
+#: the fused chain the benchmark times beside the rules: clipping and weight decay in front of ADAM, one kernel
 CHAIN = "ClipValue+WeightDecay+ADAM"
 
 #: every benchmarked rule by name, with a factory for a fresh instance (default hyperparameters)
