@@ -67,15 +67,12 @@ MAX_EXPRESSION = 1000
 
 
 def rule_names() -> dict[str, type[Rule]]:
-    """Every rule class gpuopt exports, by exported name (aliases such as ``Adam`` included)."""
-    import gpuopt
+    """Every rule class by the names gpuopt exports: the registry's built-in rules, their
+    aliases (``Adam``) and ``Optimiser``."""
+    from . import ALIASES
+    from .rules import BUILT_IN
 
-    names = {}
-    for name in gpuopt.__all__:
-        obj = getattr(gpuopt, name)
-        if isinstance(obj, type) and issubclass(obj, Rule) and obj is not Rule:
-            names[name] = obj
-    return names
+    return {**BUILT_IN, **{alias: BUILT_IN[name] for alias, name in ALIASES.items()}, "Optimiser": Optimiser}
 
 
 def _lookup(name: str) -> type[Rule]:
