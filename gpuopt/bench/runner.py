@@ -105,10 +105,24 @@ class _Runner:
 
     def _torch_adam(self, params: list[Any], grads: list[Any], kwargs: dict[str, Any]) -> Timing:
         torch = self.torch()
+        return self._torch_steps(params, grads, lambda tparams: torch.optim.Adam(
+            tparams, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kwargs))
+
+    def _gpuopt_torch(self, params: list[Any], grads: list[Any]) -> Timing:
+        """``gpuopt.torch.Optimizer(..., ADAM()).step()`` on torch views of the same arrays,
+        timed as torch's optimisers are: what a PyTorch training loop pays per step, host
+        and device together."""
+        from ..torch import Optimizer
+
+        return self._torch_steps(params, grads, lambda tparams: Optimizer(tparams, ADAM()))
+
+    def _torch_steps(self, params: list[Any], grads: list[Any], make: Callable[[list[Any]], Any]) -> Timing:
+        """Time ``make(tensors).step()`` on torch views of ``params`` with ``grads`` as ``.grad``."""
+        torch = self.torch()
         tparams = [torch_view(torch, p) for p in params]
         for tp, g in zip(tparams, grads):
             tp.grad = torch_view(torch, g)
-        opt = torch.optim.Adam(tparams, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kwargs)
+        opt = make(tparams)
 
         def steps(m: int) -> None:
             for _ in range(m):
@@ -118,29 +132,9 @@ class _Runner:
             return self.measure(steps, torch_elapsed(torch, self.device))
         finally:  # free its state now rather than at the next garbage collection
             opt.state.clear()
-            for tp in tparams:
-                tp.grad = None
-
-    def _gpuopt_torch(self, params: list[Any], grads: list[Any]) -> Timing:
-        """``gpuopt.torch.Optimizer(..., ADAM()).step()`` on torch views of the same arrays,
-        timed as torch's optimisers are: what a PyTorch training loop pays per step, host
-        and device together."""
-        torch = self.torch()
-        from ..torch import Optimizer
-
-        tparams = [torch_view(torch, p) for p in params]
-        for tp, g in zip(tparams, grads):
-            tp.grad = torch_view(torch, g)
-        opt = Optimizer(tparams, ADAM())
-
-        def steps(m: int) -> None:
-            for _ in range(m):
-                opt.step()
-
-        try:
-            return self.measure(steps, torch_elapsed(torch, self.device))
-        finally:
-            opt.param_groups[0]["rule"].reset()
+            for group in opt.param_groups:  # gpuopt.torch.Optimizer keeps its state in its rules
+                if "rule" in group:
+                    group["rule"].reset()
             for tp in tparams:
                 tp.grad = None
 
