@@ -310,31 +310,21 @@ class _Runner:
         loop_opt.reset()
         device.release(collect=True)
 
-        if c.baselines:
-            self.progress(f"{label}: unfused loop", minor=True)
-
-            def unfused() -> dict[str, Any]:
-                plain = Unfused(ADAM(), device.xp)
-                return record("unfused_loop", self.measure(
-                    lambda m: [plain.step_many(params, grads) for _ in range(m)]))
-
-            outcome = self.attempt("unfused model loop", unfused)
+        def baseline(name: str, what: str, timing: Callable[[], Timing]) -> None:
+            """A baseline's timing, or the error it failed with (the run goes on)."""
+            self.progress(f"{label}: {what}", minor=True)
+            outcome = self.attempt(f"{what} on the model", lambda: record(name, timing()))
             if "error" in outcome:
-                record("unfused_loop", outcome)
+                record(name, outcome)
+
+        if c.baselines:
+            plain = Unfused(ADAM(), device.xp)
+            baseline("unfused_loop", "unfused loop",
+                     lambda: self.measure(lambda m: [plain.step_many(params, grads) for _ in range(m)]))
         if self.torch() is not None:
             for variant, kwargs in torch_variants(device):
-                self.progress(f"{label}: {variant}", minor=True)
-                outcome = self.attempt(f"{variant} on the model",
-                                       lambda variant=variant, kwargs=kwargs: record(
-                                           variant, self._torch_adam(params, grads, kwargs)))
-                if "error" in outcome:
-                    record(variant, outcome)
-            self.progress(f"{label}: gpuopt.torch.Optimizer", minor=True)
-            outcome = self.attempt("gpuopt.torch.Optimizer on the model",
-                                   lambda: record("gpuopt_torch", self._gpuopt_torch(params, grads)))
-            if "error" in outcome:
-                record("gpuopt_torch", outcome)
-
+                baseline(variant, variant, lambda kwargs=kwargs: self._torch_adam(params, grads, kwargs))
+            baseline("gpuopt_torch", "gpuopt.torch.Optimizer", lambda: self._gpuopt_torch(params, grads))
 
 def benchmark(config: Config | argparse.Namespace, progress: Progress | None = None) -> dict[str, Any]:
     """Run the benchmark and return the report (what ``--json`` writes)."""
