@@ -77,8 +77,11 @@ class _ArrayKind:
             self.pointer = attrgetter("data.ptr")
             self.layout = (attrgetter("dtype"), attrgetter("shape"), attrgetter("strides"),
                            attrgetter("data.device_id"))
+        elif kind in POINTER_READERS:  # a registered stand-in for device memory
+            self.pointer = POINTER_READERS[kind]
+            self.layout = (attrgetter("dtype"), attrgetter("shape"), attrgetter("strides"))
         else:  # the backend's own arrays (a NumPy array may also be unaligned: kernels cannot read it)
-            self.pointer = POINTER_READERS.get(kind, device_pointer)
+            self.pointer = device_pointer
             self.layout = (attrgetter("dtype"), attrgetter("shape"), attrgetter("strides"), _aligned)
         # (one attribute per pass over the arrays: cheaper than a tuple per array)
 
@@ -115,7 +118,9 @@ class PreparedUpdate:
         self.param_ids = tuple(map(id, params))
         # A torch parameter keeps its identity when its storage is replaced (p.data = ...).
         self.param_pointers = param_kind.pointers(params) if param_kind.torch else None
-        self.writeable_flags = isinstance(params[0], np.ndarray)  # (native code ignores the flag)
+        # Host memory that native code writes through raw pointers, ignoring the flag (not a
+        # registered stand-in for device memory):
+        self.writeable_flags = isinstance(params[0], np.ndarray) and type(params[0]) not in POINTER_READERS
         self.grad_types = list(map(type, grads))
         self.grad_layouts = grad_kind.layouts(grads)
         self.param_memory = Disjoint([job.x for job in jobs], [job.g for job in jobs])  # new gradients: apart

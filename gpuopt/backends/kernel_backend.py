@@ -157,6 +157,7 @@ class KernelBackend:
         self.device = device
         self.xp = device.xp
         self.placement: Placement = device if isinstance(device, Placement) else HostMemory()
+        self._has_strided_kernels = isinstance(device, StridedDevice)  # (a Protocol check costs microseconds)
         # A device may compile its own text from the same printed step (the native CPU one).
         self._source = getattr(device, "module_source", module_source)
         self._tables: dict[tuple[str, int], _Tables] = {}  # by module source and device
@@ -208,7 +209,7 @@ class KernelBackend:
                     group = [placed[i] for i in positions]
                     # (bfloat16 lives in uint16 views, which CuPy's element-wise kernels would
                     # convert as numbers: those keep the contiguous copy)
-                    if isinstance(self.device, StridedDevice) and not program.levels and BFLOAT16 not in (param, grad):
+                    if self._has_strided_kernels and not program.levels and BFLOAT16 not in (param, grad):
                         contiguous = []
                         for job in group:  # strided arrays in place, one launch each
                             if job.x.flags.c_contiguous and job.g.flags.c_contiguous:
