@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import gpuopt
-from gpuopt.bench import RULES, Unfused, gpt2_shapes
+from gpuopt.bench.workload import RULES, gpt2_shapes
 from gpuopt.dispatch import gpu_available
+from gpuopt.plain import Unfused
 
 NUMPY_SIZE = 1 << 20
 CUPY_SIZE = 1 << 24

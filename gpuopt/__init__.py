@@ -11,31 +11,13 @@ from .chain import Optimiser
 from .checkpoint import CheckpointError, load_state, save_state
 from .expr import Expr, clamp, maximum, minimum, sqrt, total, where
 from .rule import Hyper, Rule, beta_pair, non_negative, positive, positive_integer, unit_interval
-from .rules import (
-    ADAM,
-    ADAMW,
-    NADAM,
-    RADAM,
-    ADADelta,
-    ADAGrad,
-    AdaMax,
-    AMSGrad,
-    ClipNorm,
-    ClipValue,
-    Descent,
-    ExpDecay,
-    InvDecay,
-    MixedPrecision,
-    Momentum,
-    Nesterov,
-    RMSProp,
-    WeightDecay,
-)
+from .rules import *  # noqa: F403  (every built-in rule, by its name in BUILT_IN)
+from .rules import BUILT_IN
 
-# Pythonic aliases for the seed's names.
-Adam, AdamW, NAdam, RAdam, Adadelta, Adagrad, RMSprop, SGD = (
-    ADAM, ADAMW, NADAM, RADAM, ADADelta, ADAGrad, RMSProp, Descent,
-)
+#: Pythonic aliases of Flux's names (torch.optim's spelling; SGD for Descent)
+ALIASES = {"Adam": "ADAM", "AdamW": "ADAMW", "NAdam": "NADAM", "RAdam": "RADAM", "Adadelta": "ADADelta",
+           "Adagrad": "ADAGrad", "RMSprop": "RMSProp", "SGD": "Descent"}
+globals().update({alias: BUILT_IN[name] for alias, name in ALIASES.items()})
 
 __version__ = "0.1.0"
 
@@ -53,8 +35,5 @@ __all__ = [
     "save_state", "load_state", "CheckpointError", "GraphCaptureError",
     "sqrt", "maximum", "minimum", "clamp", "where", "total",
     "non_negative", "positive", "positive_integer", "unit_interval", "beta_pair",
-    "Descent", "Momentum", "Nesterov", "RMSProp", "ADAM", "RADAM", "AdaMax", "ADAGrad",
-    "ADADelta", "AMSGrad", "NADAM", "ADAMW", "WeightDecay", "ClipValue", "ClipNorm",
-    "InvDecay", "ExpDecay", "MixedPrecision",
-    "Adam", "AdamW", "NAdam", "RAdam", "Adadelta", "Adagrad", "RMSprop", "SGD",
+    *BUILT_IN, *ALIASES,
 ]

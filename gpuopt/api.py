@@ -118,7 +118,7 @@ def fresh_slots(backend: Any, leaf: Rule, x: Resolved) -> Any:
     return slots
 
 
-def _advance(opt: Rule, jobs: list[Job]) -> None:
+def _count_step(opt: Rule, jobs: list[Job]) -> None:
     for leaf in opt.leaves():
         leaf.state_version += 1  # a prepared update of any optimiser sharing it is stale now
         for job in jobs:
@@ -152,7 +152,7 @@ def _update(opt: Rule, params: Any, grads: Any) -> None:
         by_backend.setdefault(x.backend, []).append(job)
     for name, group in by_backend.items():
         get_backend(name).run(program, group, apply=False)
-    _advance(opt, jobs)
+    _count_step(opt, jobs)
     prepare(opt, program, params, grads, checked, jobs)
 
 
@@ -174,7 +174,7 @@ def _apply(opt: Rule, x: Any, dx: Any) -> Any:
     backend = get_backend(xr.backend)
     job.out = backend.empty_like(xr.array)
     backend.run(program, [job], apply=True)
-    _advance(opt, [job])
+    _count_step(opt, [job])
     if xr.element == BFLOAT16:  # bfloat16 patterns: handed back as float32 values
         return to_compute(job.out, BFLOAT16)
     return job.out

@@ -88,8 +88,5 @@ class Optimiser(Rule):
         self.rules.insert(index, _check_rule(rule, "an inserted rule"))
         self._changed(before)
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {}
-
     def __repr__(self) -> str:
         return f"Optimiser({', '.join(repr(r) for r in self.rules)})"

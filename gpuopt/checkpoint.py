@@ -2,7 +2,7 @@
 
 A checkpoint holds, for every leaf rule of the optimiser (``opt.leaves()``, in order): its
 class name, its hyperparameters (``ExpDecay`` changes its ``eta`` as it runs, so they are part
-of the run's state), its ``host_state`` attributes, and for each parameter its step count and
+of the run's state), its ``schedule_state`` attributes, and for each parameter its step count and
 state slots. It is a plain NumPy ``.npz`` archive read with ``allow_pickle=False``: no Python
 objects are ever unpickled, so loading a file cannot run code.
 
@@ -285,9 +285,10 @@ def _members_of(opt: Rule, params: Any) -> dict[str, np.ndarray]:
         members[f"rule{i}.hypers"] = np.array(list(hypers), dtype=str).reshape(len(hypers))
         for h, value in hypers.items():
             members[f"rule{i}.hyper.{h}"] = _encode_value(value, f"{name}.{h}")
-        members[f"rule{i}.host_state"] = np.array(list(leaf.host_state), dtype=str).reshape(
-            len(leaf.host_state))
-        for h in leaf.host_state:
+        # (stored as "host_state" and "host.*": the archive format predates the name)
+        members[f"rule{i}.host_state"] = np.array(list(leaf.schedule_state), dtype=str).reshape(
+            len(leaf.schedule_state))
+        for h in leaf.schedule_state:
             members[f"rule{i}.host.{h}"] = _encode_value(getattr(leaf, h), f"{name}.{h}")
         members[f"rule{i}.n_slots"] = np.array(len(leaf.state))
         for j, obj in enumerate(objs):
@@ -309,11 +310,11 @@ def _members_of(opt: Rule, params: Any) -> dict[str, np.ndarray]:
 
 
 @dataclass
-class _Plan:
+class LoadPlan:
     """Every write a load makes, computed (and so checked) before the first one."""
 
     hypers: list[tuple[Rule, dict[str, Any]]] = field(default_factory=list)
-    host: list[tuple[Rule, dict[str, Any]]] = field(default_factory=list)
+    schedules: list[tuple[Rule, dict[str, Any]]] = field(default_factory=list)
     states: list[tuple[Rule, object, ParamState]] = field(default_factory=list)
 
 
@@ -327,7 +328,7 @@ def _check_hyper(leaf: Rule, name: str, value: Any, what: str) -> None:
 
 
 def _saved_value(archive: _Archive, name: str, current: Any, what: str) -> Any:
-    """A saved hyperparameter or host-state value, of the same kind as the current one."""
+    """A saved hyperparameter or schedule-state value, of the same kind as the current one."""
     if isinstance(current, (tuple, list)):
         saved = archive.array(name, "iuf", shape=(len(current),), what=what)
     elif isinstance(current, bool):
@@ -359,7 +360,7 @@ def _decoded_keys(archive: _Archive, count: int) -> list[str]:
         raise CheckpointError(f"checkpoint {archive.source} is damaged: its dict keys are not UTF-8") from None
 
 
-def _plan(opt: Rule, params: Any, archive: _Archive, restore_hyper: bool) -> _Plan:
+def _plan_load(opt: Rule, params: Any, archive: _Archive, restore_hyper: bool) -> LoadPlan:
     structure, keys, objs = _flatten(params)
 
     # Optimiser structure: the same leaf rules in the same order.
@@ -411,7 +412,7 @@ def _plan(opt: Rule, params: Any, archive: _Archive, restore_hyper: bool) -> _Pl
             )
         resolved.append((what, obj, r))
 
-    plan = _Plan()
+    plan = LoadPlan()
     for i, leaf in enumerate(leaves):
         name = f"{type(leaf).__name__} (rule {i})"
         hypers = leaf.hyperparameters()
@@ -426,11 +427,11 @@ def _plan(opt: Rule, params: Any, archive: _Archive, restore_hyper: bool) -> _Pl
                 _check_hyper(leaf, h, value, f"{name}.{h}")
             plan.hypers.append((leaf, values))
         saved_host = archive.texts(f"rule{i}.host_state")
-        if saved_host != list(leaf.host_state):
+        if saved_host != list(leaf.schedule_state):
             raise CheckpointError(
-                f"{name} has host state {list(leaf.host_state)} but the checkpoint's has {saved_host}"
+                f"{name} has schedule state {list(leaf.schedule_state)} but the checkpoint's has {saved_host}"
             )
-        plan.host.append((leaf, {h: _saved_value(archive, f"rule{i}.host.{h}", getattr(leaf, h), f"{name}.{h}")
+        plan.schedules.append((leaf, {h: _saved_value(archive, f"rule{i}.host.{h}", getattr(leaf, h), f"{name}.{h}")
                                  for h in saved_host}))
         n_slots = archive.integer(f"rule{i}.n_slots")
         if n_slots != len(leaf.state):
@@ -478,7 +479,7 @@ def _check_names(archive: _Archive, leaves: tuple[Rule, ...], n_params: int, has
     for i, leaf in enumerate(leaves):
         allowed |= {f"rule{i}.hypers", f"rule{i}.host_state", f"rule{i}.n_slots"}
         allowed |= {f"rule{i}.hyper.{h}" for h in leaf.hyperparameters()}
-        allowed |= {f"rule{i}.host.{h}" for h in leaf.host_state}
+        allowed |= {f"rule{i}.host.{h}" for h in leaf.schedule_state}
         for j in range(n_params):
             allowed |= {f"rule{i}.param{j}.t", f"rule{i}.param{j}.slots"}
     unknown = [name for name in archive.names if not (name.endswith(".npy") and name[:-4] in allowed)]
@@ -503,29 +504,29 @@ def load_state(opt: Rule, params: Any, path: PathOrFile, *, hyperparameters: boo
     if not isinstance(opt, Rule):
         raise TypeError(f"opt must be a gpuopt rule or Optimiser, got {type(opt).__name__}")
     with holding(opt):
-        _commit(_planned(opt, params, path, hyperparameters))
+        _commit(plan_load(opt, params, path, hyperparameters))
 
 
-def _planned(opt: Rule, params: Any, path: PathOrFile, hyperparameters: bool = True,
-             label: str | None = None) -> _Plan:
+def plan_load(opt: Rule, params: Any, path: PathOrFile, hyperparameters: bool = True,
+             label: str | None = None) -> LoadPlan:
     """Read and check a checkpoint (``label`` names it in errors, else ``path`` does) and plan
     every write of its load; nothing is changed."""
     archive = _read(path)
     if label is not None:
         archive.source = label
     try:
-        return _plan(opt, params, archive, hyperparameters)
+        return _plan_load(opt, params, archive, hyperparameters)
     finally:
         archive.close()
 
 
-def _commit(plan: _Plan) -> None:
+def _commit(plan: LoadPlan) -> None:
     """Make a load's writes. Nothing here can fail: every value was checked and every array
     built when the plan was made."""
     for leaf, values in plan.hypers:
         for name, value in values.items():
             setattr(leaf, name, value)
-    for leaf, values in plan.host:
+    for leaf, values in plan.schedules:
         for name, value in values.items():
             setattr(leaf, name, value)
     for leaf, obj, state in plan.states:

@@ -11,7 +11,7 @@ With ``--framework torch`` the same MLP is a ``torch.nn`` model trained by autog
 
 The optimiser comes from the command line as an expression (``ADAM``, ``ADAM(1e-3)``,
 ``ClipNorm(1)+ADAM(1e-3)``, ``Optimiser(ExpDecay(0.01), Momentum())``), read by
-:func:`gpuopt.expressions.parse_optimiser`, which never calls ``eval``.
+:func:`gpuopt.arguments.parse_optimiser`, which never calls ``eval``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 
 from .api import update
+from .arguments import at_least_two, choose_backend, non_negative_int, parse_optimiser, positive_int
 from .backends import describe
-from .cli import at_least_two, choose_backend, non_negative_int, positive_int
 from .dispatch import cupy_module
-from .expressions import parse_optimiser
 from .rule import Rule
 
 __all__ = [

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Union
+from typing import NamedTuple, Union
 
 # Operators and their arity. Comparisons produce booleans that only `where` consumes.
 UNARY = ("neg", "sqrt", "abs")
@@ -30,12 +30,20 @@ class Node:
 
     op: str
     args: tuple[Node, ...] = ()
-    # Leaf payload: slot index (load), scalar index (scalar), float (const), total index.
+    # Leaf payload: slot index (load), scalar index (scalar), float (const), Total (total_value).
     value: object = None
     index: int = -1  # position in Graph.nodes, i.e. a topological order
     uniform: bool = True  # same value for every element of the array
     level: int = 0  # how many reductions must finish before this node can be computed
     is_bool: bool = False
+
+
+class Total(NamedTuple):
+    """What a ``total_value`` node holds: which total it is, and the reduction pass (from 1)
+    after which it is known."""
+
+    number: int
+    level: int
 
 
 @dataclass
@@ -53,7 +61,7 @@ class Graph:
         uniform = op not in ("x", "g", "load") and all(a.uniform for a in args)
         level = max((a.level for a in args), default=0)
         if op == "total_value":  # one value per array, known once its reduction has run
-            uniform, level = True, value[1]
+            uniform, level = True, value.level
         node = Node(op, args, value, len(self.nodes), uniform, level, op in COMPARE)
         self.nodes.append(node)
         self._memo[key] = node
@@ -162,7 +170,7 @@ class Expr:
     def __bool__(self) -> bool:
         raise TypeError(
             "a traced value has no truth value: use where(cond, a, b) instead of if/else "
-            "(conditions that depend only on the step count belong in Rule.host)"
+            "(conditions that depend only on the step count belong in Rule.extra_scalars)"
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -208,7 +216,7 @@ def total(a: Operand) -> Expr:
     arg = _lift(a)
     graph = _graph()
     slot = sum(1 for n in graph.nodes if n.op == "total_value")
-    return Expr(graph.make("total_value", (arg,), (slot, arg.level + 1)))
+    return Expr(graph.make("total_value", (arg,), Total(slot, arg.level + 1)))
 
 
 class tracing:

@@ -31,7 +31,7 @@ class Program:
     """A traced chain: its graph, what it reads and what it writes."""
 
     graph: Graph
-    description: str  # e.g. "ClipValue > WeightDecay > ADAM", for comments in kernels
+    rule_names: tuple[str, ...]  # the class of each rule it runs, in order
     slots: tuple[SlotRef, ...]  # every state slot of every rule, in kernel order
     scalars: tuple[ScalarRef, ...]  # the host scalars the step reads, in kernel order
     stores: tuple[tuple[int, Node], ...]  # (slot index, new value) for slots the step assigns
@@ -46,20 +46,25 @@ class Program:
     new_x: Node | None = None
 
     @property
+    def description(self) -> str:
+        """e.g. "ClipValue > WeightDecay > ADAM", for messages and comments in kernels."""
+        return " > ".join(self.rule_names) or "identity"
+
+    @property
     def scalar_count(self) -> int:
         """How many scalars the kernels take: the rules' host scalars, then hoisted values."""
         return len(self.scalars) + len(self.hoisted)
 
-    def host_scalars(self, values: list[float]) -> list[float]:
+    def kernel_scalars(self, values: list[float]) -> list[float]:
         """``values`` (one per entry of ``scalars``) followed by the hoisted values, in float64."""
-        steps, hoisted = self._host_program
+        steps, hoisted = self._hoisted_program
         results = list(values)  # the host scalars, then each step's result
         for op, args in steps:
             results.append(op(*[results[a] if isinstance(a, int) else a[0] for a in args]))
         return [*values, *(float(results[a]) if isinstance(a, int) else float(a[0]) for a in hoisted)]
 
     @functools.cached_property
-    def _host_program(self) -> tuple[list[tuple[Any, tuple]], list[int | tuple]]:
+    def _hoisted_program(self) -> tuple[list[tuple[Any, tuple]], list[int | tuple]]:
         """The hoisted values' graph in evaluation order, built once: steps (operation,
         arguments) and where each hoisted value ends up. An argument is a position in the
         results (host scalars first, then step results) or a constant in a 1-tuple."""
@@ -82,10 +87,10 @@ class Program:
     @property
     def levels(self) -> int:
         """Number of reduction passes needed before the element-wise pass."""
-        return max((t.value[1] for t in self.totals), default=0)
+        return max((t.level for t in self.totals), default=0)
 
     def totals_at(self, level: int) -> tuple[Node, ...]:
-        return tuple(t for t in self.totals if t.value[1] == level)
+        return tuple(t for t in self.totals if t.level == level)
 
     def needed(self, roots: list[Node]) -> list[Node]:
         """The nodes that ``roots`` depend on, in topological order (totals and hoisted
@@ -105,7 +110,7 @@ class Program:
 class _StateView:
     """What ``s`` is inside a step: reads give the current value, assignments record one."""
 
-    def __init__(self, rule: Rule, rule_index: int, first_slot: int, graph: Graph, values: dict):
+    def __init__(self, rule: Rule, first_slot: int, graph: Graph, values: dict):
         object.__setattr__(self, "_names", {n: first_slot + i for i, n in enumerate(rule.state)})
         object.__setattr__(self, "_rule", type(rule).__name__)
         object.__setattr__(self, "_graph", graph)
@@ -144,7 +149,7 @@ class _ScalarView:
         if name not in self._names:
             raise AttributeError(
                 f"{type(self._rule).__name__} has no host scalar {name!r}: use a numeric "
-                "hyperparameter or a key returned by host()"
+                "hyperparameter or a key returned by extra_scalars()"
             )
         ref = ScalarRef(self._index, name)
         if ref not in self._used:
@@ -153,8 +158,8 @@ class _ScalarView:
 
 
 def structure_key(rule: Rule) -> tuple:
-    """What a traced program depends on: the rule classes and their structural options."""
-    return tuple((type(leaf), leaf.structure()) for leaf in rule.leaves())
+    """What a traced program depends on: the classes of the rules it runs, in order."""
+    return tuple(type(leaf) for leaf in rule.leaves())
 
 
 def _trace(leaves: tuple[Rule, ...]) -> Program:
@@ -176,7 +181,7 @@ def _trace(leaves: tuple[Rule, ...]) -> Program:
         for ri, rule in enumerate(leaves):
             first = next((i for i, s in enumerate(slots) if s.rule == ri), len(slots))
             out = rule.step(
-                d, seen_x, _StateView(rule, ri, first, graph, values), _ScalarView(rule, ri, graph, used)
+                d, seen_x, _StateView(rule, first, graph, values), _ScalarView(rule, ri, graph, used)
             )
             if not isinstance(out, Expr):
                 if isinstance(out, bool) or not isinstance(out, (int, float)):
@@ -197,8 +202,8 @@ def _trace(leaves: tuple[Rule, ...]) -> Program:
             new_x = (Expr(values[master]) - d).node
             values[master] = new_x
     stores = tuple((i, node) for i, node in values.items() if node is not initial[i])
-    totals = tuple(sorted((n for n in graph.nodes if n.op == "total_value"), key=lambda n: n.value[0]))
-    names = " > ".join(type(r).__name__ for r in leaves) or "identity"
+    totals = tuple(sorted((n for n in graph.nodes if n.op == "total_value"), key=lambda n: n.value.number))
+    names = tuple(type(r).__name__ for r in leaves)
     scalars = tuple(sorted(used, key=used.get))
     roots = [d.node] + [node for _, node in stores]
     hoisted = _hoistable(graph, roots)
@@ -274,10 +279,7 @@ def plan(rule: Rule) -> Program:
     """The traced program of ``rule``, cached on its structure, never on hyperparameter values."""
     leaves = rule.leaves()
     key = structure_key(rule)
-    try:
-        program = _programs.get(key)
-    except TypeError:  # an unhashable structure(): trace every time rather than fail
-        return _trace(leaves)
+    program = _programs.get(key)
     if program is None:
         # Threads may trace the same structure at once (each into its own graph): the first
         # stored wins, so every caller runs one Program object.

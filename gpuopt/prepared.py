@@ -40,12 +40,12 @@ PATHS: Counter[str] = Counter()
 
 
 def step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[int, ...]) -> list[float]:
-    """Run each rule's host schedule for its next step, then collect the kernel's scalars."""
+    """Run each rule's schedule for its next step, then collect the kernel's scalars."""
     values = []
     for leaf, t in zip(leaves, step_counts):
-        leaf.advance(t)
+        leaf.schedule(t)
         values.append(leaf.scalars(t))
-    return program.host_scalars([values[ref.rule][ref.name] for ref in program.scalars])
+    return program.kernel_scalars([values[ref.rule][ref.name] for ref in program.scalars])
 
 
 #: fast address readers for array types other than CuPy's and PyTorch's (the host-time

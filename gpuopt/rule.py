@@ -1,6 +1,6 @@
 """The rule definition: hyperparameters, per-element state, host scalars and the step.
 
-A rule is written once, in this form (the seed's "Optimiser Interface" example)::
+A rule is written once, in this form (Flux.Optimise's "Optimiser Interface" example)::
 
     class Momentum(Rule):
         \"\"\"Gradient descent with momentum.\"\"\"
@@ -14,7 +14,7 @@ A rule is written once, in this form (the seed's "Optimiser Interface" example):
 
 ``step`` is traced once per chain structure (see :mod:`gpuopt.expr`): ``d`` is the incoming
 update, ``x`` the parameter, ``s`` the rule's state slots (read and assign them), ``h`` its
-host scalars (every numeric hyperparameter plus what :meth:`Rule.host` returns for the step
+host scalars (every numeric hyperparameter plus what :meth:`Rule.extra_scalars` returns for the step
 count). Read hyperparameters through ``h``, never ``self``, so their values stay kernel
 arguments and changing them never recompiles anything.
 """
@@ -326,9 +326,11 @@ class Rule:
     #: this one see it as ``x``, the chain's step is subtracted from it, and the stored
     #: parameter is written as its rounding
     master_slot: ClassVar[str | None] = None
-    #: host-side attributes besides hyperparameters, with initial values (checkpoints keep them)
-    host_state: ClassVar[dict[str, Any]] = {}
+    #: attributes a schedule changes besides hyperparameters, with initial values (checkpoints
+    #: keep them)
+    schedule_state: ClassVar[dict[str, Any]] = {}
     _hypers: ClassVar[tuple[Hyper, ...]] = ()
+    _signature: ClassVar[inspect.Signature] = inspect.Signature()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -351,8 +353,9 @@ class Rule:
             )
             default = inspect.Parameter.empty if h.default is _REQUIRED else h.default
             params.append(inspect.Parameter(h.name, kind, default=default))
+        cls._signature = inspect.Signature(params)
         if "__init__" not in vars(cls):  # a chain defines its own
-            cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+            cls.__signature__ = cls._signature  # type: ignore[attr-defined]
         else:
             cls.__init__ = _constructing(vars(cls)["__init__"])  # type: ignore[method-assign]
 
@@ -361,47 +364,32 @@ class Rule:
             self._init(args, kwargs)
 
     def _init(self, args: tuple, kwargs: dict) -> None:
-        positional = [h for h in self._hypers if not h.keyword_only]
-        name = type(self).__name__
-        if len(args) > len(positional):
-            raise TypeError(f"{name}() takes at most {len(positional)} positional arguments")
-        known = {h.name for h in self._hypers}
-        for key in kwargs:
-            if key not in known:
-                raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
-        for i, h in enumerate(self._hypers):
-            if i < len(args) and not h.keyword_only:
-                if h.name in kwargs:
-                    raise TypeError(f"{name}() got multiple values for argument {h.name!r}")
-                value = args[i]
-            elif h.name in kwargs:
-                value = kwargs[h.name]
-            elif h.default is _REQUIRED:
-                raise TypeError(f"{name}() missing required argument {h.name!r}")
-            else:
-                value = h.default
-            setattr(self, h.name, value)
-        for key, initial in self.host_state.items():
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{type(self).__name__}(): {exc}") from None
+        bound.apply_defaults()
+        for name, value in bound.arguments.items():
+            setattr(self, name, value)
+        for key, initial in self.schedule_state.items():
             setattr(self, key, initial)
         self._state = IdentityWeakMap()
         self.state_version = 0  # bumped whenever state changes outside a prepared update
 
     # -- what a rule may override ---------------------------------------------------------
 
-    def host(self, t: int) -> dict[str, float]:
-        """Extra host scalars for step ``t`` (counting from 1), computed in float64."""
+    def extra_scalars(self, t: int) -> dict[str, float]:
+        """Scalars for step ``t`` (counting from 1) besides the numeric hyperparameters, computed on
+        the host in float64 (ADAM's bias corrections)."""
         return {}
 
-    def advance(self, t: int) -> None:
-        """Host-side schedule run once before each step ``t`` (ExpDecay decays here)."""
+    def schedule(self, t: int) -> None:
+        """Run once before each step ``t``, on the host: a schedule changes attributes here
+        (ExpDecay decays ``eta``)."""
 
     def step(self, d: Expr, x: Expr, s: Any, h: Any) -> Expr | float:
         """The element-wise step: return the new ``d``; assign state slots on ``s``."""
         raise NotImplementedError(f"{type(self).__name__} does not define step()")
-
-    def structure(self) -> tuple:
-        """Whatever besides the class changes the traced step (kernels are cached on it)."""
-        return ()
 
     # -- used by the planner and executors ------------------------------------------------
 
@@ -409,13 +397,13 @@ class Rule:
         return {h.name: getattr(self, h.name) for h in self._hypers}
 
     def scalars(self, t: int) -> dict[str, float]:
-        """Every host scalar for step ``t``: numeric hyperparameters, then :meth:`host`."""
+        """Every host scalar for step ``t``: numeric hyperparameters, then :meth:`extra_scalars`."""
         values = {
             name: float(v)
             for name, v in self.hyperparameters().items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        values.update(self.host(t))
+        values.update(self.extra_scalars(t))
         return values
 
     def initial_state(self) -> list[float]:

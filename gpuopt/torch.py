@@ -143,7 +143,7 @@ def _fresh(rule: Rule) -> Rule:
     if isinstance(rule, MixedPrecision):
         return MixedPrecision(_fresh(rule.rule))
     copy = type(rule)(**rule.hyperparameters())
-    for key in rule.host_state:
+    for key in rule.schedule_state:
         setattr(copy, key, getattr(rule, key))
     return copy
 
@@ -254,7 +254,7 @@ class Optimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {index} has {len(group['params'])} parameters but the "
                                  f"state_dict's has {len(saved['params'])}")
-            plans.append(checkpoint._planned(group["rule"], list(group["params"]),
+            plans.append(checkpoint.plan_load(group["rule"], list(group["params"]),
                                              io.BytesIO(blob.cpu().numpy().tobytes()), True,
                                              f"of param group {index}"))
             for key, value in saved.items():

@@ -1,5 +1,5 @@
-"""Shared test helpers: building a gpuopt rule from a reference spec (see tests/reference.py),
-and the kernel backend on the CPU stand-in (tests/emulation).
+"""Shared fixtures: the kernel backend on the CPU stand-in (tests/emulation). The case
+catalogue and its helpers are tests/cases.py; tests/toolchain.py reports missing tools.
 
 NumPy arrays run on the NumPy executor in the suite unless ``GPUOPT_CPU`` says otherwise
 (each native module costs a compile; tests/test_native.py checks the native backend against
@@ -16,27 +16,17 @@ import tempfile
 
 import pytest
 
-import gpuopt
 import gpuopt.backends
 from gpuopt.backends import numpy_backend
 from gpuopt.backends.kernel_backend import KernelBackend
 
 from .emulation import device as emulation
+from .toolchain import missing
 
 os.environ.setdefault("GPUOPT_CPU", "numpy")
 if not os.environ.get("GPUOPT_CACHE_DIR"):
     os.environ["GPUOPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpuopt-test-cache-")
     atexit.register(shutil.rmtree, os.environ["GPUOPT_CACHE_DIR"], True)
-
-#: CI sets this so that a missing kernel toolchain (NVRTC, g++, the sanitizer runtime) fails
-#: the kernel tests instead of skipping them.
-REQUIRED = os.environ.get("GPUOPT_REQUIRE_KERNEL_TOOLS") == "1"
-
-
-def missing(reason: str) -> None:
-    if REQUIRED:
-        pytest.fail(f"{reason} (GPUOPT_REQUIRE_KERNEL_TOOLS=1)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -55,12 +45,3 @@ def on_kernels(emulated_backend, monkeypatch):
         monkeypatch.setattr(gpuopt.backends, "cpu_backend", lambda: backend)
 
     return use
-
-
-def build_gpuopt(spec: tuple) -> gpuopt.Rule:
-    """The gpuopt object for ``spec``: ``(name, args, kwargs)`` or ``("Optimiser", [specs])``."""
-    if spec[0] == "Optimiser":
-        return gpuopt.Optimiser(*(build_gpuopt(s) for s in spec[1]))
-    name, args, kwargs = spec
-    return getattr(gpuopt, name)(*args, **kwargs)
-

@@ -1,4 +1,4 @@
-"""SPEC section 5: memory shared between a parameter and any other parameter or gradient of
+"""Memory shared between a parameter and any other parameter or gradient of
 the same call raises before any write (a parameter may be its own gradient); state follows
 memory, so a new array object over the same memory continues its state."""
 

@@ -1,4 +1,4 @@
-"""The public API: update and apply on arrays and collections, the seed's names and
+"""The public API: update and apply on arrays and collections, Flux's names and
 signatures, Optimiser as a list, weakly held state, live hyperparameters, no allocation per
 step, and user-defined rules."""
 
@@ -15,8 +15,7 @@ import pytest
 import gpuopt
 from gpuopt.plan import plan
 
-from .conftest import build_gpuopt
-from .reference import R, build_reference, chain, spec_id
+from .cases import Oracle, R, build_gpuopt, chain, spec_id
 
 EPS = 1e-8
 
@@ -44,7 +43,7 @@ def test_update_collection_skips_none_gradients(spec, kind):
     make = COLLECTIONS[kind]
     arrays = [rng.standard_normal(s) for s in SHAPES]
     params = make(list(zip(KEYS, arrays)))
-    opt, ref = build_gpuopt(spec), build_reference(spec)
+    opt, ref = build_gpuopt(spec), Oracle(spec)
     skipped = arrays[1]
     for t in range(1, 9):
         # parameter 1 gets a gradient only at steps 4 and 5
@@ -114,7 +113,7 @@ def test_torch_cpu_tensor_is_updated_in_place():
     np.testing.assert_allclose(p.numpy(), expected, rtol=1e-15)
 
 
-# -- the seed's names, positional order and defaults ------------------------------------
+# -- Flux's names, positional order and defaults -----------------------------------------
 
 REQUIRED = inspect.Parameter.empty
 SEED_SIGNATURES = {
@@ -146,7 +145,7 @@ OTHER_VALUES = {
 
 
 @pytest.mark.parametrize("name", list(SEED_SIGNATURES))
-def test_seed_name_is_exported_with_seed_signature(name):
+def test_flux_name_is_exported_with_fluxs_signature(name):
     assert name in gpuopt.__all__
     cls = getattr(gpuopt, name)
     params = list(inspect.signature(cls).parameters.values())
@@ -169,7 +168,7 @@ def test_constructor_arguments_are_attributes(name):
         with pytest.raises(TypeError, match="thresh"):
             cls()
     values = [OTHER_VALUES[arg] for arg, _ in signature]
-    opt = cls(*values)  # positionally, in the seed's order
+    opt = cls(*values)  # positionally, in Flux's order
     for (arg, _), value in zip(signature, values):
         assert getattr(opt, arg) == value
     with pytest.raises(TypeError):
@@ -180,7 +179,7 @@ def test_constructor_arguments_are_attributes(name):
 def test_eps_keyword(name):
     opt = getattr(gpuopt, name)(eps=1e-3)
     assert opt.eps == 1e-3
-    ref = build_reference(R(name, eps=1e-3))
+    ref = Oracle(R(name, eps=1e-3))
     x = np.linspace(-1, 1, 6)
     for _ in range(3):
         g = np.array([1e-3, -2e-3, 0.0, 0.5, -1.0, 3e-4])
@@ -219,12 +218,12 @@ def test_optimiser_is_list_like():
 def test_appended_rule_takes_part_from_the_next_step():
     rng = np.random.default_rng(1)
     opt = gpuopt.Optimiser(gpuopt.ClipValue(0.5), gpuopt.Momentum(0.1, 0.5))
-    ref = build_reference(chain(R("ClipValue", 0.5), R("Momentum", 0.1, 0.5)))
+    ref = Oracle(chain(R("ClipValue", 0.5), R("Momentum", 0.1, 0.5)))
     x = rng.standard_normal(5)
     for t in range(6):
         if t == 3:
             opt.append(gpuopt.WeightDecay(0.2))
-            ref.rules.append(build_reference(R("WeightDecay", 0.2)))
+            ref.rules.append(Oracle(R("WeightDecay", 0.2)))
         g = rng.standard_normal(5)
         expected = x - ref.step("x", x.copy(), g)
         gpuopt.update(opt, x, g)
@@ -288,7 +287,7 @@ MID_RUN = [
 @pytest.mark.parametrize("spec, attr, value", MID_RUN, ids=[f"{spec_id(s)}.{a}" for s, a, _ in MID_RUN])
 def test_hyperparameter_change_takes_effect_next_step(spec, attr, value):
     rng = np.random.default_rng(6)
-    opt, ref = build_gpuopt(spec), build_reference(spec)
+    opt, ref = build_gpuopt(spec), Oracle(spec)
     program = plan(opt)
     x = rng.standard_normal((3, 3))
     for t in range(12):
@@ -306,7 +305,7 @@ def test_hyperparameter_change_takes_effect_next_step(spec, attr, value):
 def test_hyperparameter_change_inside_a_chain():
     rng = np.random.default_rng(2)
     opt = gpuopt.Optimiser(gpuopt.ClipValue(1.0), gpuopt.ADAM(0.01))
-    ref = build_reference(chain(R("ClipValue", 1.0), R("ADAM", 0.01)))
+    ref = Oracle(chain(R("ClipValue", 1.0), R("ADAM", 0.01)))
     x = rng.standard_normal(8)
     for t in range(8):
         if t == 4:
@@ -398,7 +397,7 @@ def test_no_allocation_per_step_after_the_first(make, dtype):
 
 
 class SeedMomentum(gpuopt.Rule):
-    """The seed's Optimiser Interface example, in gpuopt's form."""
+    """Flux.Optimise's Optimiser Interface example, in gpuopt's form."""
 
     eta = gpuopt.Hyper(0.01, check=gpuopt.non_negative)
     rho = gpuopt.Hyper(0.9, check=gpuopt.unit_interval)
@@ -419,7 +418,7 @@ class DampedSign(gpuopt.Rule):
     start = gpuopt.Hyper(0.0, check=gpuopt.non_negative, keyword_only=True)
     state = {"a": "start"}
 
-    def host(self, t):
+    def extra_scalars(self, t):
         return {"correction": 1 - self.rho**t}
 
     def step(self, d, x, s, h):
@@ -455,7 +454,7 @@ def test_user_rule_signature_and_validation():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_seed_momentum_example_equals_builtin(dtype):
+def test_flux_momentum_example_equals_builtin(dtype):
     rng = np.random.default_rng(3)
     x1 = np.array(rng.standard_normal((4, 6)), dtype=dtype)
     x2 = x1.copy()

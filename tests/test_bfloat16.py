@@ -12,8 +12,7 @@ import pytest
 import gpuopt
 from gpuopt import dtypes
 
-from .conftest import build_gpuopt
-from .reference import CASES, build_reference, spec_id
+from .cases import ORACLE_CASES, Oracle, build_gpuopt, spec_id
 
 torch = pytest.importorskip("torch")
 
@@ -68,12 +67,12 @@ def _bfloat16_ulp(values: np.ndarray) -> np.ndarray:
     return 2.0 ** (np.floor(np.log2(magnitude)) - 7)
 
 
-@pytest.mark.parametrize("spec", CASES, ids=[spec_id(s) for s in CASES])
+@pytest.mark.parametrize("spec", list(ORACLE_CASES.values()), ids=list(ORACLE_CASES))
 def test_every_rule_within_bfloat16_resolution_of_the_reference(spec):
     """Each step from the same bfloat16 parameter: the float64 reference's new value and
     gpuopt's differ by the float32 arithmetic (relative 2e-5 of the step) plus the rounding
     to bfloat16 (at most half an ulp of the new value)."""
-    opt, ref = build_gpuopt(spec), build_reference(spec)
+    opt, ref = build_gpuopt(spec), Oracle(spec)
     rng = np.random.default_rng(7)
     x = torch.from_numpy(rng.standard_normal((2, 5)).astype(np.float32)).to(torch.bfloat16)
     for t in range(1, 21):

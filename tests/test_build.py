@@ -13,7 +13,7 @@ import pytest
 
 from gpuopt.backends import cxx_build
 
-from .conftest import missing
+from .toolchain import missing
 
 SOURCE = 'extern "C" int answer() { return ANSWER; }\n'
 

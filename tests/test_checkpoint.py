@@ -98,7 +98,7 @@ def _snapshot(opt: gpuopt.Rule, params: list) -> list:
     out: list = []
     for leaf in opt.leaves():
         out.append(dict(leaf.hyperparameters()))
-        out.append({k: getattr(leaf, k) for k in leaf.host_state})
+        out.append({k: getattr(leaf, k) for k in leaf.schedule_state})
         for p in params:
             s = leaf.state_for(p)
             out.append(None if s is None else (s.t, None if s.slots is None else s.slots.copy()))
@@ -353,7 +353,7 @@ def _tampered(data: bytes, **changes: np.ndarray) -> io.BytesIO:
         ({"rule2.param1.slots": np.zeros((2, 4), np.float32)}, "state for params['b'] has shape (2, 4)"),
         ({"rule2.hyper.eta": np.array(-1.0)}, "eta must be >= 0"),
         ({"rule2.hypers": np.array(["eta", "beta"])}, "has hyperparameters"),
-        ({"rule1.host_state": np.array([], dtype=str)}, "host state"),
+        ({"rule1.host_state": np.array([], dtype=str)}, "schedule state"),
         ({"rule2.n_slots": np.array(3)}, "keeps 2 state slots"),
         ({"rule2.param0.t": np.array(-4)}, "negative"),
         ({"version": np.array(99)}, "version 99"),

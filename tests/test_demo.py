@@ -14,8 +14,8 @@ import pytest
 import gpuopt
 from gpuopt import demo
 from gpuopt.__main__ import main
+from gpuopt.arguments import parse_optimiser
 from gpuopt.demo import loss_and_grads
-from gpuopt.expressions import parse_optimiser
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(r"^step +(\d+)/(\d+) +loss ([\d.]+) +acc +([\d.]+)%", re.M)
@@ -137,7 +137,7 @@ def test_parse_optimiser_builds_rules() -> None:
         ("Hyper(1)", "unknown rule name 'Hyper'"),
         ("ADAM(-0.1)", "eta must be >= 0"),
         ("ADAM(0.1, 0.2, 0.3)", "positional arguments"),
-        ("ClipNorm", "missing required argument 'thresh'"),
+        ("ClipNorm", "missing a required argument: 'thresh'"),
         ("ADAM(lr=0.1)", "unexpected keyword argument 'lr'"),
         ("ADAM(", "cannot parse"),
         ("", "empty"),
@@ -168,7 +168,7 @@ def test_cli_rejects_unsafe_optimiser(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_cupy_backend_without_gpu_fails_cleanly(capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gpuopt.cli, "gpu_available", lambda: False)  # where the backend is chosen
+    monkeypatch.setattr(gpuopt.arguments, "gpu_available", lambda: False)  # where the backend is chosen
     assert main(["demo", "--backend", "cupy", "--steps", "5"]) == 2
     captured = capsys.readouterr()
     assert "error: --backend cupy needs a GPU" in captured.err

@@ -1,4 +1,4 @@
-"""SPEC section 5: a bad call raises a clear error naming the offending parameter and what
+"""A bad call raises a clear error naming the offending parameter and what
 was expected, and leaves every parameter and all optimiser state exactly as they were."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def snapshot(opt: gpuopt.Rule, arrays: list[Any], grads: list[Any]) -> dict:
             state = leaf.state_for(p)
             per_param.append(None if state is None else
                              (state.t, None if state.slots is None else state.slots.tobytes()))
-        host = {k: getattr(leaf, k) for k in leaf.host_state}
+        host = {k: getattr(leaf, k) for k in leaf.schedule_state}
         leaves.append((leaf.hyperparameters(), host, len(leaf._state), per_param))
     return {"params": [data(a) for a in arrays], "grads": [data(g) for g in grads], "state": leaves}
 
@@ -460,6 +460,12 @@ def test_unknown_attribute_is_refused_with_a_hint(name, hint):
     with pytest.raises(AttributeError, match=rf"has no attribute '{name}'; did you mean '{hint}'\?"):
         setattr(opt, name, 1e-4)
     assert repr(opt) == before and name not in vars(opt)
+
+
+def test_adamw_hints_at_its_own_hyperparameters():
+    """ADAMW's hyperparameters are its members' (properties), and the hint names them."""
+    with pytest.raises(AttributeError, match=r"did you mean 'decay'\?.*eta, beta, decay, eps"):
+        gpuopt.ADAMW().weight_decay = 0.1
 
 
 def test_custom_rules_may_keep_their_own_attributes():

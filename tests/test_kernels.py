@@ -20,9 +20,9 @@ from gpuopt.backends.kernel_backend import CHUNK
 from gpuopt.plan import plan
 
 from .cases import ALL, CHAINS, OPTIMISERS, RULES, SignMomentum
-from .conftest import missing as _missing
 from .emulation import device as emulation
 from .test_rules import CLIPNORM_OVERFLOW, clipnorm_overflow_check
+from .toolchain import missing as _missing
 
 DTYPES = [np.dtype(np.float16), dtypes.BFLOAT16, np.dtype(np.float32), np.dtype(np.float64)]
 

@@ -1,6 +1,6 @@
 """Properties over random chains, shapes, dtypes and memory layouts (hypothesis):
 - one fused call over a collection equals one call per array, bit for bit, and both follow
-  the float64 reference of tests/reference.py;
+  the float64 oracle (gpuopt.plain, tests/cases.py);
 - a rejected call never changes a byte of any parameter, gradient or state.
 """
 
@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 import gpuopt
 
-from .conftest import build_gpuopt
-from .reference import R, build_reference, chain
+from .cases import Oracle, R, build_gpuopt, chain
 from .test_errors import snapshot
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -76,7 +75,7 @@ def test_fused_equals_one_by_one_equals_reference(problem):
     single = [laid_out(x, layout) for x, layout in zip(start, problem["layouts"])]
     reference = [x.astype(np.float64) for x in start]
     opt_fused, opt_single = build_gpuopt(problem["spec"]), build_gpuopt(problem["spec"])
-    ref = build_reference(problem["spec"])
+    ref = Oracle(problem["spec"])
     for step in grads:
         gpuopt.update(opt_fused, fused, step)
         for x, g in zip(single, step):

@@ -1,5 +1,6 @@
-"""The rules' values: gpuopt against the float64 reference (tests/reference.py), PyTorch and
-the seed's own tests (fitting a matrix, ExpDecay's schedule, clipping)."""
+"""The rules' values: gpuopt against the float64 oracle (the plain formulas of gpuopt.plain,
+run by tests/cases.py), PyTorch and
+Flux.Optimise's own tests (fitting a matrix, ExpDecay's schedule, clipping)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import pytest
 
 import gpuopt
 
-from .conftest import build_gpuopt
-from .reference import CASES, R, build_reference, spec_id
+from .cases import ORACLE_CASES, Oracle, R, build_gpuopt, spec_id
 
 STEPS = 20
 BLOCK_CROSSING = 2 * 16384 + 17  # more than two of the NumPy backend's blocks
@@ -73,7 +73,7 @@ def run_against_reference(spec, x: np.ndarray, grad_dtype, mode: str, rng, steps
     The reference is given the library's current ``x`` (as float64) and the same gradient
     each step, so only the rules' own state and arithmetic can make them differ.
     """
-    opt, ref = build_gpuopt(spec), build_reference(spec)
+    opt, ref = build_gpuopt(spec), Oracle(spec)
     dtype = x.dtype
     for t in range(1, steps + 1):
         g = gradient(rng, x.shape, grad_dtype)
@@ -96,12 +96,13 @@ def run_against_reference(spec, x: np.ndarray, grad_dtype, mode: str, rng, steps
             np.testing.assert_array_equal(base[~mask], before, err_msg="elements outside the view")
 
 
-CASE_IDS = [spec_id(s) for s in CASES]
+CASE_IDS = list(ORACLE_CASES)
+ORACLE_SPECS = list(ORACLE_CASES.values())
 
 
 @pytest.mark.parametrize("mode", ["update", "apply"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("spec", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("spec", ORACLE_SPECS, ids=CASE_IDS)
 def test_steps_match_reference(spec, dtype, mode):
     rng = np.random.default_rng(1234)
     x = np.array(rng.standard_normal((2, 5)), dtype=dtype)
@@ -114,7 +115,7 @@ SHAPES += [(np.float32, (BLOCK_CROSSING,))]
 
 
 @pytest.mark.parametrize("dtype, shape", SHAPES, ids=[f"{np.dtype(d).name}-{s}" for d, s in SHAPES])
-@pytest.mark.parametrize("spec", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("spec", ORACLE_SPECS, ids=CASE_IDS)
 def test_shapes(spec, shape, dtype):
     rng = np.random.default_rng(7)
     x = np.array(rng.standard_normal(shape), dtype=dtype)
@@ -134,7 +135,7 @@ VIEWS = {
 @pytest.mark.parametrize(
     "view, mode", [(v, "update") for v in VIEWS] + [("every-other-column", "apply")], ids="-".join
 )
-@pytest.mark.parametrize("spec", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("spec", ORACLE_SPECS, ids=CASE_IDS)
 def test_non_contiguous_views(spec, view, mode):
     rng = np.random.default_rng(11)
     base = rng.standard_normal((6, 10))
@@ -146,11 +147,11 @@ def test_non_contiguous_views(spec, view, mode):
                           xs_outside=(base, inside, base[~inside].copy()))
 
 
-@pytest.mark.parametrize("spec", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("spec", ORACLE_SPECS, ids=CASE_IDS)
 def test_non_contiguous_gradient(spec):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((4, 5))
-    opt, ref = build_gpuopt(spec), build_reference(spec)
+    opt, ref = build_gpuopt(spec), Oracle(spec)
     for t in range(STEPS):
         g = gradient(rng, (5, 4), np.float64).T  # Fortran-ordered
         expected = ref.step("x", x.copy(), g)
@@ -164,7 +165,7 @@ def test_non_contiguous_gradient(spec):
     [(np.float32, np.float64), (np.float64, np.float32), (np.float16, np.float32)],
     ids=["f32-param-f64-grad", "f64-param-f32-grad", "f16-param-f32-grad"],
 )
-@pytest.mark.parametrize("spec", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("spec", ORACLE_SPECS, ids=CASE_IDS)
 def test_gradient_dtype_differs_from_parameter(spec, param_dtype, grad_dtype):
     rng = np.random.default_rng(3)
     x = np.array(rng.standard_normal((3, 4)), dtype=param_dtype)
@@ -172,13 +173,13 @@ def test_gradient_dtype_differs_from_parameter(spec, param_dtype, grad_dtype):
     assert x.dtype == param_dtype
 
 
-@pytest.mark.parametrize("spec", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("spec", ORACLE_SPECS, ids=CASE_IDS)
 def test_collection_matches_reference_per_parameter(spec):
     """Several parameters in one call: each has its own state; ExpDecay decays once a step."""
     rng = np.random.default_rng(21)
     shapes = {"w": (3, 4), "b": (4,), "s": ()}
     params = {k: np.array(rng.standard_normal(s)) for k, s in shapes.items()}
-    opt, ref = build_gpuopt(spec), build_reference(spec)
+    opt, ref = build_gpuopt(spec), Oracle(spec)
     for t in range(STEPS):
         grads = {k: gradient(rng, s, np.float64) for k, s in shapes.items()}
         old = {k: p.copy() for k, p in params.items()}
@@ -189,13 +190,13 @@ def test_collection_matches_reference_per_parameter(spec):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("spec", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("spec", ORACLE_SPECS, ids=CASE_IDS)
 def test_non_finite_gradients_propagate(spec, dtype):
     """A NaN or inf in the gradient gives what the formulas give (no rule here checks for
     them): NaN propagates, as in PyTorch and Flux."""
     rng = np.random.default_rng(8)
     x = np.array(rng.standard_normal(8), dtype=dtype)
-    opt, ref = build_gpuopt(spec), build_reference(spec)
+    opt, ref = build_gpuopt(spec), Oracle(spec)
     for t in range(6):
         g = gradient(rng, x.shape, dtype)
         if t == 2:
@@ -213,7 +214,7 @@ def test_non_finite_gradients_propagate(spec, dtype):
             assert np.isnan(x[1]), "a NaN gradient must give a NaN parameter"
 
 
-# -- PyTorch cross-checks: exactly the settings SPEC section 1 lists --------------------
+# -- PyTorch cross-checks: the equivalences the README's rule table lists ---------------
 
 TORCH_CASES = [
     (R("Descent", 0.1), "SGD", {"lr": 0.1}),
@@ -265,11 +266,11 @@ def test_matches_pytorch(spec, torch_name, torch_kwargs, dtype):
         )
 
 
-# -- the seed's own tests ---------------------------------------------------------------
+# -- Flux.Optimise's own tests ---------------------------------------------------------
 
-#: The seed's rules, each fitting w to w1. Where the default learning rate needs far more
+#: Flux's rules, each fitting w to w1. Where the default learning rate needs far more
 #: than a few thousand steps, a larger one is used (ADADelta has none: a larger eps is its
-#: initial step size instead). The last three are the seed's decay chains.
+#: initial step size instead). The last three are Flux's decay chains.
 FIT_CASES = [
     gpuopt.Descent, gpuopt.Momentum,
     lambda: gpuopt.Nesterov(0.01),
@@ -290,7 +291,7 @@ FIT_CASES = [
 
 @pytest.mark.parametrize("make", FIT_CASES, ids=lambda m: repr(m()))
 def test_fits_w_to_w1(make):
-    """The seed's test: loss(x) = mse(w*x, w1*x) with x = rand(10) each step, until < 0.01."""
+    """Flux.Optimise's test: loss(x) = mse(w*x, w1*x) with x = rand(10) each step, until < 0.01."""
     rng = np.random.default_rng(42)
     opt = make()
     w, w1 = rng.standard_normal((10, 10)), rng.standard_normal((10, 10))

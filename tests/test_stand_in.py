@@ -21,8 +21,8 @@ from gpuopt.backends.kernel_backend import CHUNK, THREADS_PER_BLOCK, KernelBacke
 from gpuopt.plan import plan
 
 from .cases import ALL
-from .conftest import missing
 from .emulation import device as emulation
+from .toolchain import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""SPEC section 5: updates from several threads give exactly the sequential results, and
+"""Updates from several threads give exactly the sequential results, and
 tracing and every cache are safe to use from several threads at once."""
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def _assert_same_parameters(ours, theirs, rtol=1e-4, atol=1e-6):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-# -- the same values as torch's own optimisers (SPEC section 1's cross-checks) -----------------
+# -- the same values as torch's own optimisers (the README's rule table) -----------------
 
 MATCHING = {
     "ADAM": (lambda: gpuopt.ADAM(1e-3), lambda p: torch.optim.Adam(p, lr=1e-3, eps=1e-8)),

@@ -90,7 +90,7 @@ def _expression(program: Program, node: Node, double: bool) -> str:
     if op == "const":
         return _const(node.value)
     if op == "total_value":
-        return f"gpuopt_compute_t(totals[{node.value[0]}])"
+        return f"gpuopt_compute_t(totals[{node.value.number}])"
     if op == "neg":
         return f"-{a[0]}"
     if op in _BINARY:
@@ -108,7 +108,7 @@ def _describe(program: Program, node: Node) -> str:
     """A hoisted value in words, for the module's header comment: ``1.0 - ADAM.b1``."""
     if node.op == "scalar":
         ref = program.scalars[node.value]
-        return f"{program.description.split(' > ')[ref.rule]}.{ref.name}"
+        return f"{program.rule_names[ref.rule]}.{ref.name}"
     if node.op == "const":
         return repr(node.value)
     args = [_describe(program, a) for a in node.args]
@@ -175,7 +175,7 @@ def _terms_functions(program: Program, double: bool) -> list[str]:
         terms += [f"        acc[{j}] += double(v{t.args[0].index});" for j, t in enumerate(nodes)]
         terms += ["        break;", "    }"]
         store.append(f"    case {level}:")
-        store += [f"        totals[{t.value[0]}] = acc[{j}];" for j, t in enumerate(nodes)]
+        store += [f"        totals[{t.value.number}] = acc[{j}];" for j, t in enumerate(nodes)]
         store.append("        break;")
     terms += ["    }", "}"]
     store += ["    }", "}"]
@@ -205,9 +205,9 @@ def _preamble(program: Program, param: np.dtype, grad: np.dtype, apply: bool) ->
         f"// x stored as {dtypes.name(param)}, g as {dtypes.name(grad)}; state and arithmetic in {ct}"
         + ("; this module applies (out = d)" if apply else "; this module updates (x -= d)"),
     ]
-    lines += [f"//   s[{i}] = {program.description.split(' > ')[ref.rule]}.{ref.name}"
+    lines += [f"//   s[{i}] = {program.rule_names[ref.rule]}.{ref.name}"
               for i, ref in enumerate(program.slots)]
-    lines += [f"//   h[{i}] = {program.description.split(' > ')[ref.rule]}.{ref.name}"
+    lines += [f"//   h[{i}] = {program.rule_names[ref.rule]}.{ref.name}"
               for i, ref in enumerate(program.scalars)]
     lines += [f"//   h[{program.hoisted_index[node.index]}] = {_describe(program, node)}  (float64, on the host)"
               for node in program.hoisted]

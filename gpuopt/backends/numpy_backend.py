@@ -67,7 +67,7 @@ def evaluate_uniform(program: Program, nodes: Sequence[Node], values: dict[int, 
         elif node.op == "scalar":
             values[node.index] = ct.type(scalars[node.value])
         elif node.op == "total_value":
-            values[node.index] = ct.type(totals[node.value[0]])
+            values[node.index] = ct.type(totals[node.value.number])
         elif node.op == "where":
             c, a, b = (values[arg.index] for arg in node.args)
             values[node.index] = a if c else b
@@ -119,7 +119,7 @@ class _Pass:
             op = node.op
             converts = (op == "x" and param_dtype != ct) or (op == "g" and grad_dtype != ct)
             if op in ("x", "g", "load") and not converts:
-                self.instructions.append((_ALIAS, op, node.value, None, None, node.index))
+                self.instructions.append((_ALIAS, op, node.value, None, node.index))
             else:
                 if node.index in self.direct:
                     target = ("slot", self.direct[node.index])
@@ -133,11 +133,11 @@ class _Pass:
                     buffer_of[node.index] = buf
                     target = ("buffer", buf)
                 if converts:
-                    self.instructions.append((_CONVERT, op, None, None, target, node.index))
+                    self.instructions.append((_CONVERT, op, None, target, node.index))
                 else:
                     kind = _WHERE if op == "where" else _UFUNC
                     args = tuple(a.index for a in node.args)
-                    self.instructions.append((kind, _UFUNCS.get(op), args, None, target, node.index))
+                    self.instructions.append((kind, _UFUNCS.get(op), args, target, node.index))
             for arg in {a.index: a for a in node.args}.values():  # once each, as in d*d
                 # freed after the output is allocated, so a ufunc never writes over its input
                 if last_use.get(arg.index) == pos and arg.index in buffer_of:
@@ -146,7 +146,7 @@ class _Pass:
     def run_block(self, vals: list, buffers: Sequence[np.ndarray], x: np.ndarray, g: np.ndarray,
                   slots: Sequence[np.ndarray]) -> None:
         """Evaluate the schedule on one block; ``buffers`` are already cut to its length."""
-        for kind, what, args, _, target, index in self.instructions:
+        for kind, what, args, target, index in self.instructions:
             if kind == _ALIAS:
                 vals[index] = x if what == "x" else g if what == "g" else slots[args]
                 continue
@@ -237,7 +237,7 @@ class NumpyExecutor:
                             sums[k] += float(np.add.reduce(term))
                 for k, term in enumerate(program.totals_at(level)):
                     arg = term.args[0]
-                    totals[term.value[0]] = float(uniform[arg.index]) * n if arg.uniform else sums[k]
+                    totals[term.value.number] = float(uniform[arg.index]) * n if arg.uniform else sums[k]
             p = self.final_pass
             uniform = {}
             evaluate_uniform(program, p.nodes, uniform, self.ct, scalars, totals)

@@ -37,8 +37,8 @@ class Timing:
                 "steps_per_repeat": self.inner}
 
 
-def _measure(elapsed: Callable[[Callable[[], None]], float], steps: Callable[[int], None],
-             repeats: int, warmup: int, target_s: float) -> Timing:
+def measure_steps(elapsed: Callable[[Callable[[], None]], float], steps: Callable[[int], None],
+                  repeats: int, warmup: int, target_s: float) -> Timing:
     """Warm up, pick how many steps one repeat runs, then time ``repeats`` repeats."""
     if warmup:
         elapsed(lambda: steps(warmup))
@@ -147,8 +147,8 @@ class NumpyDevice:
         n = nbytes // 4
         src = np.ones(n, dtype=np.float32)
         dst = np.zeros(n, dtype=np.float32)
-        timing = _measure(self.elapsed, lambda m: [np.copyto(dst, src) for _ in range(m)],
-                          max(repeats, 5), 1, 0.0)
+        timing = measure_steps(self.elapsed, lambda m: [np.copyto(dst, src) for _ in range(m)],
+                               max(repeats, 5), 1, 0.0)
         gbps = 2 * n * 4 / timing.median / 1e9
         result = {"gbps": gbps, "method": "np.copyto", "buffer_bytes": n * 4, "time_s": timing.median}
         native = self.native()
@@ -159,8 +159,8 @@ class NumpyDevice:
 
             float32 = np.dtype(np.float32)
             source = NativeDevice.module_source(plan(Descent()), float32, float32, False)
-            threaded = _measure(self.elapsed, lambda m: [native.copy(dst, src, source) for _ in range(m)],
-                                max(repeats, 5), 1, 0.0)
+            threaded = measure_steps(self.elapsed, lambda m: [native.copy(dst, src, source) for _ in range(m)],
+                                          max(repeats, 5), 1, 0.0)
             result.update(gbps=2 * n * 4 / threaded.median / 1e9, time_s=threaded.median, np_copyto_gbps=gbps,
                           method=f"native copy, {native.cpu_threads} threads")
         return result
@@ -251,10 +251,10 @@ class CupyDevice:
         src = cupy.ones(n, dtype=cupy.float32)
         dst = cupy.zeros(n, dtype=cupy.float32)
         kernel = cupy.ElementwiseKernel("T x", "T y", "y = x", "gpuopt_bench_copy")
-        memcpy = _measure(self.elapsed, lambda m: [dst.data.copy_from_device_async(src.data, n * 4)
-                                                    for _ in range(m)], max(repeats, 10), 3, 0.0)
-        copy_kernel = _measure(self.elapsed, lambda m: [kernel(src, dst) for _ in range(m)],
-                               max(repeats, 10), 3, 0.0)
+        memcpy = measure_steps(self.elapsed, lambda m: [dst.data.copy_from_device_async(src.data, n * 4)
+                                                         for _ in range(m)], max(repeats, 10), 3, 0.0)
+        copy_kernel = measure_steps(self.elapsed, lambda m: [kernel(src, dst) for _ in range(m)],
+                                    max(repeats, 10), 3, 0.0)
         rates = {"cudaMemcpy": 2 * n * 4 / memcpy.median / 1e9,
                  "copy_kernel": 2 * n * 4 / copy_kernel.median / 1e9}
         best = max(rates, key=rates.get)
@@ -263,7 +263,7 @@ class CupyDevice:
                 "time_s": (memcpy if best == "cudaMemcpy" else copy_kernel).median}
 
 
-def _torch_module(cuda: bool) -> Any:
+def torch_module(cuda: bool) -> Any:
     """PyTorch, if importable (and with CUDA when ``cuda``), else None."""
     try:
         import torch
@@ -278,7 +278,7 @@ def _torch_module(cuda: bool) -> Any:
     return torch
 
 
-def _torch_elapsed(torch: Any, device: Any) -> Callable[[Callable[[], None]], float]:
+def torch_elapsed(torch: Any, device: Any) -> Callable[[Callable[[], None]], float]:
     if device.kind == "numpy":
         return device.elapsed
 
@@ -296,14 +296,14 @@ def _torch_elapsed(torch: Any, device: Any) -> Callable[[Callable[[], None]], fl
     return elapsed
 
 
-def _torch_view(torch: Any, array: Any) -> Any:
+def torch_view(torch: Any, array: Any) -> Any:
     """A PyTorch tensor sharing ``array``'s memory (DLPack on the GPU, from_numpy on the CPU)."""
     if isinstance(array, np.ndarray):
         return torch.from_numpy(array)
     return torch.from_dlpack(array)
 
 
-def _torch_variants(device: Any) -> list[tuple[str, dict[str, Any]]]:
+def torch_variants(device: Any) -> list[tuple[str, dict[str, Any]]]:
     """(name, Adam keyword arguments) of the PyTorch baselines on this device."""
     if device.kind == "cupy":
         return [("torch_fused", {"fused": True}), ("torch_foreach", {"foreach": True})]

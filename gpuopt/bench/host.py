@@ -38,7 +38,7 @@ from ..rule import Rule
 from ..rules import ADAM, ClipNorm, ClipValue, WeightDecay
 from .workload import gpt2_shapes
 
-#: the targets of the issue, in microseconds or as ratios
+#: the host-time targets, in microseconds or as ratios
 SAME_LIMIT_US, NEW_LIMIT_US, MANY_RATIO, CHAIN_RATIO = 25.0, 60.0, 2.0, 1.3
 
 
@@ -157,7 +157,7 @@ def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: i
     """Every host-time case; returns the report (``targets`` included) that ``--json`` writes.
     ``launches`` runs them on the GPU with real launches (synchronised before each timed call)."""
     from .devices import CupyDevice, NumpyDevice
-    from .runner import _versions
+    from .runner import software_versions
 
     shapes = [shape for _, shape in gpt2_shapes(layers, width)]
     many_shapes = [(4096,)] * many
@@ -196,7 +196,7 @@ def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: i
         "kind": "host",
         "device": device_info,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": software_versions(),
         "config": {"calls": calls, "tensors": len(shapes), "layers": layers, "width": width,
                    "parameters": sum(math.prod(s) for s in shapes), "many": many, "dtype": "float32",
                    "rules": ["ADAM", *CHAINS],
@@ -226,7 +226,7 @@ def _torch() -> Any:
 
 
 def host_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's host-time targets on a host report: met, not met or not measured."""
+    """The host-time targets on a host report: met, not met or not measured."""
     cases = report["cases"]
     many = report["config"]["many"]
     targets = []
@@ -251,14 +251,14 @@ def host_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     for kind in ("same", "new"):
         base, big = us(f"ADAM/{kind}"), us(f"ADAM/{kind}/{many}")
         target(f"host_{many}_tensors_{kind}_grads_ratio",
-               f"host: {many} tensors at most {MANY_RATIO:g}x the GPT-2 figure ({kind} gradients)",
+               f"host: {many} tensors at most {MANY_RATIO:g}x the time of GPT-2 small's ({kind} gradients)",
                None if base is None or big is None else big / base, MANY_RATIO,
                f"{big:.1f} us vs {base:.1f} us" if base and big else "")
         for name in CHAINS:
             chain = us(f"{name}/{kind}")
             slug = name.lower().replace("+", "_")
             target(f"host_{slug}_vs_adam_{kind}_grads_ratio",
-                   f"host: {name} at most {CHAIN_RATIO:g}x ADAM ({kind} gradients)",
+                   f"host: {name} at most {CHAIN_RATIO:g}x the time of ADAM ({kind} gradients)",
                    None if base is None or chain is None else chain / base, CHAIN_RATIO,
                    f"{chain:.1f} us vs {base:.1f} us" if base and chain else "")
     return targets

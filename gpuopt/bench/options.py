@@ -7,14 +7,14 @@ import argparse
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..cli import choose_backend, non_negative_int, positive_int
+from ..arguments import choose_backend, non_negative_int, positive_int
 from ..rule import Rule
-from .workload import _ALIASES, RULES
+from .workload import ALIASES, RULES
 
 DTYPES = ("float32", "float16", "float64")
 DEFAULT_SIZES = {"cupy": (16, 28), "numpy": (16, 24)}
@@ -47,18 +47,18 @@ def _split_top_level(text: str) -> list[str]:
 def parse_rules(text: str) -> list[tuple[str, Callable[[], Rule]]]:
     """``--rules``: ``all``, or a comma list of names from :data:`RULES` (case-insensitive;
     ``Clip+WD+ADAM`` is the chain) or optimiser expressions such as ``ClipNorm(1)+ADAM(1e-3)``
-    (read by :func:`gpuopt.expressions.parse_optimiser`, never evaluated as Python)."""
+    (read by :func:`gpuopt.arguments.parse_optimiser`, never evaluated as Python)."""
     if text.strip().lower() == "all":
         return list(RULES.items())
     by_lower = {name.lower(): name for name in RULES}
     chosen: list[tuple[str, Callable[[], Rule]]] = []
     for item in _split_top_level(text):
         key = item.lower()
-        name = _ALIASES.get(key) or by_lower.get(key)
+        name = ALIASES.get(key) or by_lower.get(key)
         if name is not None:
             factory = RULES[name]
         else:
-            from ..expressions import parse_optimiser
+            from ..arguments import parse_optimiser
 
             try:
                 parse_optimiser(item)
@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-many", type=positive_int, default=1000, metavar="N",
                         help="tensors of the --host case that compares many tensors with GPT-2's (default: 1000)")
     parser.add_argument("--fail-on-targets", action="store_true",
-                        help="exit with status 1 when a measured SPEC target is not met")
+                        help="exit with status 1 when a measured performance target is not met")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
 
 
@@ -163,7 +163,6 @@ class Config:
     model_width: int = 768
     baselines: bool = True
     torch: bool = True
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 def _pick_backend(name: str) -> str:
@@ -173,7 +172,7 @@ def _pick_backend(name: str) -> str:
         raise BenchError(str(exc)) from None
 
 
-def _config(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace) -> Config:
     backend = _pick_backend(getattr(args, "backend", "auto"))
     rules = args.rules if not isinstance(args.rules, str) else parse_rules(args.rules)
     sizes = args.sizes
@@ -183,7 +182,7 @@ def _config(args: argparse.Namespace) -> Config:
     elif isinstance(sizes, str):
         sizes = parse_sizes(sizes)
     if getattr(args, "plot", None):
-        _matplotlib()  # fail now, not after the whole run
+        matplotlib_pyplot()  # fail now, not after the whole run
     for option in ("json", "plot"):
         if getattr(args, option, None):
             check_output_path(getattr(args, option), f"--{option}")
@@ -221,7 +220,7 @@ def check_output_path(path: str, option: str) -> None:
         raise BenchError(f"{option}: {target!r} is a directory")
 
 
-def _matplotlib() -> Any:
+def matplotlib_pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:

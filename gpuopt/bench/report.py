@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from .options import _matplotlib, output_path
+from .options import matplotlib_pyplot, output_path
 
 
-def _fmt_time(seconds: float | None) -> str:
+def format_time(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-"
     if seconds < 1e-3:
@@ -23,13 +23,13 @@ def _fmt_time(seconds: float | None) -> str:
     return f"{seconds:.3f} s"
 
 
-def _speedup(entry: dict[str, Any], key: str) -> str:
+def _time_ratio(entry: dict[str, Any], key: str) -> str:
     base = entry.get("baselines", {}).get(key)
     if not base:
         return ""
-    if "speedup" not in base:
+    if "time_ratio" not in base:
         return "error" if "error" in base else ""
-    return f"{base['speedup']:.2f}x"
+    return f"{base['time_ratio']:.2f}x"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -55,8 +55,8 @@ def format_report(report: dict[str, Any]) -> str:
         for key in entry["baselines"]:
             if key not in baseline_keys:
                 baseline_keys.append(key)
-    names = {"unfused": "vs unfused", "torch": "vs torch", "torch_fused": "vs torch fused",
-             "torch_foreach": "vs torch foreach"}
+    names = {"unfused": "x unfused", "torch": "x torch", "torch_fused": "x torch fused",
+             "torch_foreach": "x torch foreach"}
     width = max([len(e["rule"]) for e in report["results"]] + [4])
     header = (f"{'rule':<{width}}  {'size':>5}  {'B/elem':>6}  {'time/step':>11}  {'GB/s':>8}  "
               f"{'% copy':>6}" + "".join(f"  {names.get(k, k):>16}" for k in baseline_keys))
@@ -64,11 +64,12 @@ def format_report(report: dict[str, Any]) -> str:
     for e in report["results"]:
         lines.append(
             f"{e['rule']:<{width}}  {'2^' + str(e['log2']):>5}  {e['bytes_per_element']:>6}  "
-            f"{_fmt_time(e['time_s']):>11}  {e['gbps']:>8.1f}  {e['pct_copy']:>5.1f}%"
-            + "".join(f"  {_speedup(e, k):>16}" for k in baseline_keys))
+            f"{format_time(e['time_s']):>11}  {e['gbps']:>8.1f}  {e['pct_copy']:>5.1f}%"
+            + "".join(f"  {_time_ratio(e, k):>16}" for k in baseline_keys))
     if not report["results"]:
         lines.append("(no results)")
-    lines.append("speedup = baseline time / gpuopt time (above 1: gpuopt is faster)")
+    lines.append("x unfused, x torch ...: gpuopt's time per step as a multiple of that baseline's "
+                 "(below 1x: gpuopt is faster)")
     for skip in report["skipped"]:
         what = f"{skip['rule']} at " if "rule" in skip else ""
         lines.append(f"skipped {what}2^{skip['log2']}: {skip['reason']}")
@@ -84,17 +85,17 @@ def format_report(report: dict[str, Any]) -> str:
                   "torch": "torch.optim.Adam", "torch_fused": "torch Adam(fused=True)",
                   "torch_foreach": "torch Adam(foreach=True)", "gpuopt_torch": "gpuopt.torch.Optimizer"}
         for name, v in (model.get("variants") or {}).items():
-            ratio = v.get("ratio_to_multi_tensor")
-            extra = f"  {ratio:.2f}x the one-call time" if ratio is not None else ""
-            if "ratio_to_torch_fused" in v:
-                extra += f", {v['ratio_to_torch_fused']:.2f}x torch Adam(fused=True)"
+            ratio = v.get("time_ratio_to_multi_tensor")
+            extra = f"  {ratio:.2f}x the time of one update call" if ratio is not None else ""
+            if "time_ratio_to_torch_fused" in v:
+                extra += f", {v['time_ratio_to_torch_fused']:.2f}x the time of torch Adam(fused=True)"
             if "host_time_s" in v:
-                extra += f"  (host time per call {_fmt_time(v['host_time_s'])})"
+                extra += f"  (host time per call {format_time(v['host_time_s'])})"
             if "time_s" not in v:
                 lines.append(f"  {labels.get(name, name):<28} error: {v.get('error', '?')}")
                 continue
             gbps = f"{v['gbps']:>8.1f} GB/s" if "gbps" in v else ""
-            lines.append(f"  {labels.get(name, name):<28} {_fmt_time(v['time_s']):>11}  {gbps}{extra}")
+            lines.append(f"  {labels.get(name, name):<28} {format_time(v['time_s']):>11}  {gbps}{extra}")
     lines += ["", "targets:"]
     for t in report["targets"]:
         value = "" if t["value"] is None else f" = {t['value']:.3g} (limit {t['limit']:g})"
@@ -149,7 +150,7 @@ def plot_report(report: dict[str, Any], path: str) -> str:
     ``path`` is a file (``.png`` is added if missing) or a directory, as for :func:`write_json`.
     Returns the path written."""
     path = _output(report, path, ".png")
-    plt = _matplotlib()
+    plt = matplotlib_pyplot()
     fig, ax = plt.subplots(figsize=(10, 6))
     rules: dict[str, list[tuple[int, float]]] = {}
     for e in report["results"]:

@@ -17,6 +17,7 @@ import numpy as np
 from ..api import update
 from ..backends.numpy_backend import compute_dtype
 from ..dispatch import cupy_module
+from ..plain import Unfused
 from ..rule import Rule
 from ..rules import ADAM
 from .devices import (
@@ -24,17 +25,16 @@ from .devices import (
     CupyDevice,
     NumpyDevice,
     Timing,
-    _measure,
-    _torch_elapsed,
-    _torch_module,
-    _torch_variants,
-    _torch_view,
+    measure_steps,
+    torch_elapsed,
+    torch_module,
+    torch_variants,
+    torch_view,
 )
-from .options import Config, _config
+from .options import Config, config_from_args
 from .progress import Progress
 from .targets import evaluate_targets
-from .unfused import Unfused
-from .workload import bytes_per_element, check_spec_bytes, gpt2_shapes, state_slots
+from .workload import bytes_per_element, check_counted_bytes, gpt2_shapes, state_slots
 
 #: a repeat runs this many seconds' worth of steps at least (so tiny sizes are not all noise)
 REPEAT_TARGET_S = {"cupy": 2e-3, "numpy": 5e-3}
@@ -43,7 +43,7 @@ UNFUSED_TEMPORARIES = 6
 HOST_CALLS = 50  # update calls timed on the host for the model
 
 
-def _versions() -> dict[str, Any]:
+def software_versions() -> dict[str, Any]:
     from .. import __version__
 
     versions: dict[str, Any] = {"gpuopt": __version__, "numpy": np.__version__,
@@ -76,14 +76,14 @@ class _Runner:
 
     def torch(self) -> Any:
         if self._torch is False:
-            self._torch = _torch_module(self.config.backend == "cupy") if self.config.torch else None
+            self._torch = torch_module(self.config.backend == "cupy") if self.config.torch else None
             if self._torch is not None and self.config.backend == "numpy":
                 self._torch.set_num_threads(self.device.threads())  # the same threads as gpuopt
         return self._torch
 
     def measure(self, steps: Callable[[int], None], elapsed: Callable | None = None) -> Timing:
         c = self.config
-        return _measure(elapsed or self.device.elapsed, steps, c.repeats, c.warmup, self.target_s)
+        return measure_steps(elapsed or self.device.elapsed, steps, c.repeats, c.warmup, self.target_s)
 
     def attempt(self, what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run a baseline; a failure is recorded (and shown) instead of ending the run."""
@@ -105,42 +105,36 @@ class _Runner:
 
     def _torch_adam(self, params: list[Any], grads: list[Any], kwargs: dict[str, Any]) -> Timing:
         torch = self.torch()
-        tparams = [_torch_view(torch, p) for p in params]
-        for tp, g in zip(tparams, grads):
-            tp.grad = _torch_view(torch, g)
-        opt = torch.optim.Adam(tparams, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kwargs)
-
-        def steps(m: int) -> None:
-            for _ in range(m):
-                opt.step()
-
-        try:
-            return self.measure(steps, _torch_elapsed(torch, self.device))
-        finally:  # free its state now rather than at the next garbage collection
-            opt.state.clear()
-            for tp in tparams:
-                tp.grad = None
+        return self._torch_steps(params, grads, lambda tparams: torch.optim.Adam(
+            tparams, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kwargs))
 
     def _gpuopt_torch(self, params: list[Any], grads: list[Any]) -> Timing:
         """``gpuopt.torch.Optimizer(..., ADAM()).step()`` on torch views of the same arrays,
         timed as torch's optimisers are: what a PyTorch training loop pays per step, host
         and device together."""
-        torch = self.torch()
         from ..torch import Optimizer
 
-        tparams = [_torch_view(torch, p) for p in params]
+        return self._torch_steps(params, grads, lambda tparams: Optimizer(tparams, ADAM()))
+
+    def _torch_steps(self, params: list[Any], grads: list[Any], make: Callable[[list[Any]], Any]) -> Timing:
+        """Time ``make(tensors).step()`` on torch views of ``params`` with ``grads`` as ``.grad``."""
+        torch = self.torch()
+        tparams = [torch_view(torch, p) for p in params]
         for tp, g in zip(tparams, grads):
-            tp.grad = _torch_view(torch, g)
-        opt = Optimizer(tparams, ADAM())
+            tp.grad = torch_view(torch, g)
+        opt = make(tparams)
 
         def steps(m: int) -> None:
             for _ in range(m):
                 opt.step()
 
         try:
-            return self.measure(steps, _torch_elapsed(torch, self.device))
-        finally:
-            opt.param_groups[0]["rule"].reset()
+            return self.measure(steps, torch_elapsed(torch, self.device))
+        finally:  # free its state now rather than at the next garbage collection
+            opt.state.clear()
+            for group in opt.param_groups:  # gpuopt.torch.Optimizer keeps its state in its rules
+                if "rule" in group:
+                    group["rule"].reset()
             for tp in tparams:
                 tp.grad = None
 
@@ -213,13 +207,13 @@ class _Runner:
                 baselines["unfused"] = self.attempt(
                     f"unfused {name} at 2^{k}", lambda: self._unfused(factory, x, g))
         if is_adam and self.torch() is not None:
-            for variant, kwargs in _torch_variants(device):
+            for variant, kwargs in torch_variants(device):
                 self.progress(f"{where}: {variant}", minor=True)
                 baselines[variant] = self.attempt(
                     f"{variant} at 2^{k}", lambda kwargs=kwargs: self._torch_adam([x], [g], kwargs).as_dict())
         for base in baselines.values():
-            if "time_s" in base:
-                base["speedup"] = base["time_s"] / timing.median
+            if "time_s" in base:  # gpuopt's time as a multiple of the baseline's
+                base["time_ratio"] = timing.median / base["time_s"]
         return entry
 
     def _unfused(self, factory: Callable[[], Rule], x: Any, g: Any) -> dict[str, Any]:
@@ -272,10 +266,10 @@ class _Runner:
         multi = variants["multi_tensor"]["time_s"]
         for name, v in variants.items():
             if name != "multi_tensor" and "time_s" in v:
-                v["ratio_to_multi_tensor"] = v["time_s"] / multi
+                v["time_ratio_to_multi_tensor"] = v["time_s"] / multi
         ours, fused = variants.get("gpuopt_torch", {}), variants.get("torch_fused", {})
         if "time_s" in ours and "time_s" in fused:  # the drop-in replacement against torch's best
-            ours["ratio_to_torch_fused"] = ours["time_s"] / fused["time_s"]
+            ours["time_ratio_to_torch_fused"] = ours["time_s"] / fused["time_s"]
         info["variants"] = variants
         return info
 
@@ -316,40 +310,30 @@ class _Runner:
         loop_opt.reset()
         device.release(collect=True)
 
+        def baseline(name: str, what: str, timing: Callable[[], Timing]) -> None:
+            """A baseline's timing, or the error it failed with (the run goes on)."""
+            self.progress(f"{label}: {what}", minor=True)
+            outcome = self.attempt(f"{what} on the model", lambda: record(name, timing()))
+            if "error" in outcome:
+                record(name, outcome)
+
         if c.baselines:
-            self.progress(f"{label}: unfused loop", minor=True)
-
-            def unfused() -> dict[str, Any]:
-                plain = Unfused(ADAM(), device.xp)
-                return record("unfused_loop", self.measure(
-                    lambda m: [plain.step_many(params, grads) for _ in range(m)]))
-
-            outcome = self.attempt("unfused model loop", unfused)
-            if "error" in outcome:
-                record("unfused_loop", outcome)
+            plain = Unfused(ADAM(), device.xp)
+            baseline("unfused_loop", "unfused loop",
+                     lambda: self.measure(lambda m: [plain.step_many(params, grads) for _ in range(m)]))
         if self.torch() is not None:
-            for variant, kwargs in _torch_variants(device):
-                self.progress(f"{label}: {variant}", minor=True)
-                outcome = self.attempt(f"{variant} on the model",
-                                       lambda variant=variant, kwargs=kwargs: record(
-                                           variant, self._torch_adam(params, grads, kwargs)))
-                if "error" in outcome:
-                    record(variant, outcome)
-            self.progress(f"{label}: gpuopt.torch.Optimizer", minor=True)
-            outcome = self.attempt("gpuopt.torch.Optimizer on the model",
-                                   lambda: record("gpuopt_torch", self._gpuopt_torch(params, grads)))
-            if "error" in outcome:
-                record("gpuopt_torch", outcome)
-
+            for variant, kwargs in torch_variants(device):
+                baseline(variant, variant, lambda kwargs=kwargs: self._torch_adam(params, grads, kwargs))
+            baseline("gpuopt_torch", "gpuopt.torch.Optimizer", lambda: self._gpuopt_torch(params, grads))
 
 def benchmark(config: Config | argparse.Namespace, progress: Progress | None = None) -> dict[str, Any]:
     """Run the benchmark and return the report (what ``--json`` writes)."""
     if isinstance(config, argparse.Namespace):
-        config = _config(config)
+        config = config_from_args(config)
     progress = progress or Progress(enabled=False)
-    wrong = check_spec_bytes()
-    if wrong:  # the derivation and the SPEC table disagree: say so, loudly, in the report
-        progress.note(f"warning: bytes per element differ from SPEC section 6: {wrong}")
+    wrong = check_counted_bytes()
+    if wrong:  # the derivation and the hand count disagree: say so, loudly, in the report
+        progress.note(f"warning: bytes per element differ from the hand count: {wrong}")
     runner = _Runner(config, progress)
     device = runner.device
     started = time.perf_counter()
@@ -369,15 +353,15 @@ def benchmark(config: Config | argparse.Namespace, progress: Progress | None = N
         "schema": 1,
         "device": {"name": device.name(), "backend": config.backend, **device.info()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": software_versions(),
         "config": {
             "rules": [name for name, _ in config.rules], "sizes_log2": config.sizes,
             "dtype": config.dtype.name, "repeats": config.repeats, "warmup": config.warmup,
             "model": config.model, "baselines": config.baselines, "torch": config.torch,
             "timer": "CUDA events" if config.backend == "cupy" else "time.perf_counter",
         },
-        "bytes_per_element_check": {"spec_section_6_float32": "ok" if not wrong else
-                                    {k: {"derived": d, "spec": s} for k, (d, s) in wrong.items()}},
+        "bytes_per_element_check": {"counted_float32": "ok" if not wrong else
+                                    {k: {"derived": d, "counted": s} for k, (d, s) in wrong.items()}},
         "copy_bandwidth": copy,
         "native_build": builds,
         "results": results,

@@ -25,7 +25,7 @@ class _Moments(Rule):
     beta = Hyper((0.9, 0.999), beta_pair)
     eps = _eps()
 
-    def host(self, t):
+    def extra_scalars(self, t):
         b1, b2 = self.beta
         return {"b1": b1, "b2": b2, "c1": 1.0 - b1**t, "c2": 1.0 - b2**t}
 
@@ -75,8 +75,8 @@ class RADAM(_Moments):
 
     state = {"m": 0.0, "v": 0.0}
 
-    def host(self, t):
-        scalars = super().host(t)
+    def extra_scalars(self, t):
+        scalars = super().extra_scalars(t)
         b2 = self.beta[1]
         rho_inf = 2.0 / (1.0 - b2) - 1.0
         rho = rho_inf - 2.0 * t * b2**t / (1.0 - b2**t)
@@ -164,8 +164,8 @@ class NADAM(_Moments):
 
     state = {"m": 0.0, "v": 0.0}
 
-    def host(self, t):
-        scalars = super().host(t)
+    def extra_scalars(self, t):
+        scalars = super().extra_scalars(t)
         scalars["n1"] = 1.0 - self.beta[0] * self.beta[0] ** t
         return scalars
 
@@ -204,6 +204,7 @@ class ADAMW(Optimiser):
     decay = property(lambda self: self.rules[1].wd, _set_decay)
 
     def hyperparameters(self):
+        # its hyperparameters are its members', read through the properties above
         return {"eta": self.eta, "beta": self.beta, "decay": self.decay, "eps": self.eps}
 
     def __repr__(self) -> str:

@@ -12,7 +12,7 @@ class InvDecay(Rule):
 
     gamma = Hyper(0.001, non_negative)
 
-    def host(self, t):
+    def extra_scalars(self, t):
         return {"denominator": 1.0 + self.gamma * t}
 
     def step(self, d, x, s, h):
@@ -31,9 +31,9 @@ class ExpDecay(Rule):
     decay = Hyper(0.1, non_negative)
     decay_step = Hyper(1000, positive_integer)
     clip = Hyper(1e-4, non_negative)
-    host_state = {"decayed_at": 0}  # the last step count at which eta decayed
+    schedule_state = {"decayed_at": 0}  # the last step count at which eta decayed
 
-    def advance(self, t):
+    def schedule(self, t):
         if t % self.decay_step == 0 and t > self.decayed_at:
             self.eta = min(max(self.eta * self.decay, self.clip), sys.float_info.max)
             self.decayed_at = t

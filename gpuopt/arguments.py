@@ -1,5 +1,6 @@
-"""Optimiser expressions from the command line: ``ADAM``, ``ADAM(1e-3)``,
-``ClipNorm(1)+ADAM(1e-3)``, ``Optimiser(ExpDecay(0.01), Momentum())``.
+"""What the ``gpuopt`` subcommands' arguments mean: integer types, the choice of backend, and
+optimiser expressions (``ADAM``, ``ADAM(1e-3)``, ``ClipNorm(1)+ADAM(1e-3)``,
+``Optimiser(ExpDecay(0.01), Momentum())``).
 
 :func:`parse_optimiser` walks the syntax tree itself and never calls ``eval``: only gpuopt
 rule names, numbers, tuples, keyword arguments and ``+`` (chaining) are accepted.
@@ -7,29 +8,71 @@ rule names, numbers, tuples, keyword arguments and ``+`` (chaining) are accepted
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 from typing import Any
 
 from .chain import Optimiser
+from .dispatch import cupy_module, gpu_available
 from .rule import Rule
 
-__all__ = ["parse_optimiser", "rule_names"]
+__all__ = ["parse_optimiser", "rule_names", "positive_int", "at_least_two", "non_negative_int", "choose_backend"]
+
+
+def _integer(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:  # (also a number with more digits than int() takes)
+        value = None
+    if value is None or value < least:
+        shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {shown!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _integer(text, 1)
+
+
+def at_least_two(text: str) -> int:
+    """argparse type: an integer >= 2."""
+    return _integer(text, 2)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _integer(text, 0)
+
+
+def choose_backend(name: str) -> str:
+    """``--backend``: ``auto`` is CuPy only where a GPU is usable; ``cupy`` without one, or an
+    unknown name, is a ValueError that says what to do instead."""
+    if name == "auto":
+        return "cupy" if gpu_available() else "numpy"
+    if name == "cupy" and not gpu_available():
+        why = ("CuPy is not installed (pip install 'gpuopt[cuda12]')" if cupy_module() is None
+               else "CuPy cannot see a usable CUDA GPU")
+        raise ValueError(f"--backend cupy needs a GPU, but {why}; use --backend numpy or auto")
+    if name not in ("numpy", "cupy"):
+        raise ValueError(f"unknown backend {name!r}; expected auto, numpy or cupy")
+    return name
+
+
+# -- optimiser expressions ----------------------------------------------------------------
 
 #: longest expression accepted: the parser recurses, so bound the input before parsing it
 MAX_EXPRESSION = 1000
 
 
 def rule_names() -> dict[str, type[Rule]]:
-    """Every rule class gpuopt exports, by exported name (aliases such as ``Adam`` included)."""
-    import gpuopt
+    """Every rule class by the names gpuopt exports: the registry's built-in rules, their
+    aliases (``Adam``) and ``Optimiser``."""
+    from . import ALIASES
+    from .rules import BUILT_IN
 
-    names = {}
-    for name in gpuopt.__all__:
-        obj = getattr(gpuopt, name)
-        if isinstance(obj, type) and issubclass(obj, Rule) and obj is not Rule:
-            names[name] = obj
-    return names
+    return {**BUILT_IN, **{alias: BUILT_IN[name] for alias, name in ALIASES.items()}, "Optimiser": Optimiser}
 
 
 def _lookup(name: str) -> type[Rule]:
