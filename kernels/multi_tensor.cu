@@ -1,46 +1,11 @@
 // Multi-tensor fused update: every tensor of one dtype group in one launch.
 //
-// The host builds, once per set of arrays, a table with one row per non-empty tensor:
-//   table[t * GPUOPT_TABLE_WIDTH + 0..3]  x, g, out (pointers) and the element count n
-//   table[t * GPUOPT_TABLE_WIDTH + GPUOPT_TABLE_COLUMNS + k]  state slot k (pointer)
-//   chunk_start[t]                        first chunk of tensor t; chunk_start[tensors] = chunks
+// The host builds, once per set of arrays, the table of table.cuh, and:
 //   scalars[t * GPUOPT_SCALARS_ALLOC + j] host scalar j of tensor t, read when per_tensor is
 //                                         set (step counts differ); else every tensor uses
 //                                         the scalars passed by value, as the single-array kernel
 //   totals[t * GPUOPT_TOTALS_ALLOC + j]   reduction result j of tensor t
-// Tensors are cut into chunks of GPUOPT_CHUNK elements; blocks walk the chunks grid-stride
-// and find their tensor by binary search, so one launch covers any number of tensors.
-
-__device__ __forceinline__ int gpuopt_tensor_of(long long chunk, const long long* chunk_start, int tensors) {
-    int lo = 0, hi = tensors - 1;  // the last tensor whose first chunk is <= chunk
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
-struct gpuopt_tensor {
-    gpuopt_param_t* x;
-    const gpuopt_grad_t* g;
-    gpuopt_param_t* out;
-    long long n;
-    gpuopt_state_t* slots[GPUOPT_SLOTS_ALLOC];
-};
-
-__device__ __forceinline__ gpuopt_tensor gpuopt_read_row(const unsigned long long* table, int t) {
-    const unsigned long long* row = table + (long long)t * GPUOPT_TABLE_WIDTH;
-    gpuopt_tensor r;
-    r.x = reinterpret_cast<gpuopt_param_t*>(row[0]);
-    r.g = reinterpret_cast<const gpuopt_grad_t*>(row[1]);
-    r.out = reinterpret_cast<gpuopt_param_t*>(row[2]);
-    r.n = (long long)row[3];
-    r.slots[0] = nullptr;
-#pragma unroll
-    for (int k = 0; k < GPUOPT_SLOTS; ++k)
-        r.slots[k] = reinterpret_cast<gpuopt_state_t*>(row[GPUOPT_TABLE_COLUMNS + k]);
-    return r;
-}
+// Blocks walk the chunks grid-stride, so one launch covers any number of tensors.
 
 // What a block needs to work on chunk c: its tensor, its element range and its host scalars.
 struct gpuopt_chunk {
@@ -58,8 +23,7 @@ __device__ __forceinline__ void gpuopt_open_chunk(gpuopt_chunk& k, long long c, 
     k.t = gpuopt_tensor_of(c, chunk_start, tensors);
     k.r = gpuopt_read_row(table, k.t);
     k.aligned = gpuopt_all_aligned(k.r.x, k.r.g, k.r.out, k.r.slots);
-    k.begin = (c - chunk_start[k.t]) * GPUOPT_CHUNK;
-    k.end = k.begin + GPUOPT_CHUNK < k.r.n ? k.begin + GPUOPT_CHUNK : k.r.n;
+    gpuopt_chunk_range(c, chunk_start, k.t, k.r.n, k.begin, k.end);
 #pragma unroll
     for (int j = 0; j < GPUOPT_SCALARS_ALLOC; ++j)
         k.h[j] = per_tensor ? scalars[(long long)k.t * GPUOPT_SCALARS_ALLOC + j] : shared_h[j];

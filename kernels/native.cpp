@@ -33,14 +33,6 @@ typedef unsigned long long gpuopt_word;
 
 #define GPUOPT_THREAD_MIN (1 << 19)  // fewer elements per thread than this: fewer threads (starting one costs tens of us)
 
-struct gpuopt_tensor {
-    gpuopt_param_t* x;
-    const gpuopt_grad_t* g;
-    gpuopt_param_t* out;
-    long long n;
-    gpuopt_state_t* slots[GPUOPT_SLOTS_ALLOC];
-};
-
 static inline gpuopt_word gpuopt_array_word(const gpuopt_word w, const long long objects) {
     return objects < 0 ? w : *reinterpret_cast<const gpuopt_word*>(w + objects);
 }
@@ -51,33 +43,12 @@ static inline gpuopt_compute_t gpuopt_scalar_word(const gpuopt_word w) {
     return gpuopt_compute_t(value);
 }
 
-static inline gpuopt_tensor gpuopt_read_row(const gpuopt_word* table, const int t) {
-    const gpuopt_word* row = table + (long long)t * GPUOPT_TABLE_WIDTH;
-    gpuopt_tensor r;
-    r.x = reinterpret_cast<gpuopt_param_t*>(row[0]);
-    r.g = reinterpret_cast<const gpuopt_grad_t*>(row[1]);
-    r.out = reinterpret_cast<gpuopt_param_t*>(row[2]);
-    r.n = (long long)row[3];
-    r.slots[0] = nullptr;
-    for (int k = 0; k < GPUOPT_SLOTS; ++k) r.slots[k] = reinterpret_cast<gpuopt_state_t*>(row[GPUOPT_TABLE_COLUMNS + k]);
-    return r;
-}
-
 // The host scalars of tensor t: its own row when step counts differ, else the shared ones.
 static inline void gpuopt_scalars_of(const int t, const int per_tensor, const gpuopt_compute_t* scalars,
                                      const gpuopt_compute_t (&shared)[GPUOPT_SCALARS_ALLOC],
                                      gpuopt_compute_t (&h)[GPUOPT_SCALARS_ALLOC]) {
     for (int j = 0; j < GPUOPT_SCALARS_ALLOC; ++j)
         h[j] = per_tensor ? scalars[(long long)t * GPUOPT_SCALARS_ALLOC + j] : shared[j];
-}
-
-static inline int gpuopt_tensor_of(const long long chunk, const long long* chunk_start, const int tensors) {
-    int lo = 0, hi = tensors - 1;  // the last tensor whose first chunk is <= chunk
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
-    }
-    return lo;
 }
 
 // Elements [begin, end) of one tensor: x -= d (or out = d), state written back. Iterations
@@ -228,8 +199,8 @@ extern "C" int gpuopt_multi_tensor(const int threads, const long long objects, c
         const gpuopt_tensor r = gpuopt_read_row(k.table, t);
         gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];
         gpuopt_scalars_of(t, k.per_tensor, k.scalars, *k.shared, h);
-        const long long begin = (c - k.chunk_start[t]) * GPUOPT_CHUNK;
-        const long long end = begin + GPUOPT_CHUNK < r.n ? begin + GPUOPT_CHUNK : r.n;
+        long long begin, end;
+        gpuopt_chunk_range(c, k.chunk_start, t, r.n, begin, end);
         gpuopt_update_range(r, begin, end, h, k.totals + (long long)t * GPUOPT_TOTALS_ALLOC);
     }, &context);
     return 0;
@@ -308,8 +279,8 @@ extern "C" int gpuopt_multi_reduce(const int threads, const long long objects, c
         const gpuopt_tensor r = gpuopt_read_row(k.table, t);
         gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];
         gpuopt_scalars_of(t, k.per_tensor, k.scalars, *k.shared, h);
-        const long long begin = (c - k.chunk_start[t]) * GPUOPT_CHUNK;
-        const long long end = begin + GPUOPT_CHUNK < r.n ? begin + GPUOPT_CHUNK : r.n;
+        long long begin, end;
+        gpuopt_chunk_range(c, k.chunk_start, t, r.n, begin, end);
         double sum[GPUOPT_TERMS];
         gpuopt_pairwise(k.level, r, begin, end - begin, h, k.totals + (long long)t * GPUOPT_TOTALS_ALLOC, sum);
         for (int j = 0; j < GPUOPT_TERMS; ++j) k.partial[c * GPUOPT_TERMS + j] = sum[j];

@@ -28,7 +28,7 @@ from ..plan import Program
 from .numpy_backend import compute_dtype
 
 #: kernel template files, in the order they are appended to the preamble
-KERNEL_FILES = ("common.cuh", "elementwise.cu", "multi_tensor.cu")
+KERNEL_FILES = ("common.cuh", "elementwise.cu", "table.cuh", "multi_tensor.cu")
 
 #: Sizes the host code and the kernels must agree on: defined here once, printed into every
 #: module as #defines (GPUOPT_VEC, GPUOPT_CHUNK, ...), and imported by the host code.

@@ -101,6 +101,7 @@ class NativeDevice:
         return "\n".join([
             f"// ---- kernels/native_prelude.h ----\n{_template('native_prelude.h')}",
             step_source(program, param, grad, apply),
+            f"// ---- kernels/table.cuh ----\n{_template('table.cuh')}",
             f"// ---- kernels/native.cpp ----\n{_template('native.cpp')}",
         ])
 
