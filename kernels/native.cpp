@@ -174,35 +174,45 @@ static inline long long gpuopt_table_elements(const gpuopt_word* table, const in
     return total;
 }
 
+// The table arguments common to the multi-tensor entry points, and one chunk opened from them.
+struct gpuopt_table_args {
+    int tensors, per_tensor;
+    const gpuopt_word* table;
+    const long long* chunk_start;
+    const gpuopt_compute_t* scalars;
+    gpuopt_compute_t shared[GPUOPT_SCALARS_ALLOC];  // the scalars passed by value
+    const double* totals;
+};
+
+struct gpuopt_native_chunk {
+    int t;
+    gpuopt_tensor r;
+    gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];
+    long long begin, end;
+    const double* totals;  // this tensor's reduction results
+};
+
+static inline gpuopt_native_chunk gpuopt_open_chunk(const gpuopt_table_args& k, const long long c) {
+    gpuopt_native_chunk ch;
+    ch.t = gpuopt_tensor_of(c, k.chunk_start, k.tensors);
+    ch.r = gpuopt_read_row(k.table, ch.t);
+    gpuopt_scalars_of(ch.t, k.per_tensor, k.scalars, k.shared, ch.h);
+    gpuopt_chunk_range(c, k.chunk_start, ch.t, ch.r.n, ch.begin, ch.end);
+    ch.totals = k.totals + (long long)ch.t * GPUOPT_TOTALS_ALLOC;
+    return ch;
+}
+
 extern "C" int gpuopt_multi_tensor(const int threads, const long long objects, const gpuopt_word* a) {
-    const int tensors = (int)a[0];
     const long long chunks = (long long)a[1];
-    const gpuopt_word* table = GPUOPT_ARRAY(const gpuopt_word*, 2);
-    const long long* chunk_start = GPUOPT_ARRAY(const long long*, 3);
-    const int per_tensor = (int)a[4];
-    const gpuopt_compute_t* scalars = GPUOPT_ARRAY(const gpuopt_compute_t*, 5);
-    const double* totals = GPUOPT_ARRAY(const double*, 6);
-    gpuopt_compute_t shared[GPUOPT_SCALARS_ALLOC] = {};
-    for (int j = 0; j < GPUOPT_SCALARS; ++j) shared[j] = gpuopt_scalar_word(a[7 + j]);
-    const int team = chunks > 1 ? gpuopt_team(threads, gpuopt_table_elements(table, tensors)) : 1;
-    struct context_t {
-        int tensors, per_tensor;
-        const gpuopt_word* table;
-        const long long* chunk_start;
-        const gpuopt_compute_t* scalars;
-        const gpuopt_compute_t (*shared)[GPUOPT_SCALARS_ALLOC];
-        const double* totals;
-    } context = {tensors, per_tensor, table, chunk_start, scalars, &shared, totals};
+    gpuopt_table_args args = {(int)a[0], (int)a[4], GPUOPT_ARRAY(const gpuopt_word*, 2),
+                              GPUOPT_ARRAY(const long long*, 3), GPUOPT_ARRAY(const gpuopt_compute_t*, 5), {},
+                              GPUOPT_ARRAY(const double*, 6)};
+    for (int j = 0; j < GPUOPT_SCALARS; ++j) args.shared[j] = gpuopt_scalar_word(a[7 + j]);
+    const int team = chunks > 1 ? gpuopt_team(threads, gpuopt_table_elements(args.table, args.tensors)) : 1;
     gpuopt_run_chunks(team, chunks, [](const void* p, long long c) {
-        const context_t& k = *static_cast<const context_t*>(p);
-        const int t = gpuopt_tensor_of(c, k.chunk_start, k.tensors);
-        const gpuopt_tensor r = gpuopt_read_row(k.table, t);
-        gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];
-        gpuopt_scalars_of(t, k.per_tensor, k.scalars, *k.shared, h);
-        long long begin, end;
-        gpuopt_chunk_range(c, k.chunk_start, t, r.n, begin, end);
-        gpuopt_update_range(r, begin, end, h, k.totals + (long long)t * GPUOPT_TOTALS_ALLOC);
-    }, &context);
+        const gpuopt_native_chunk ch = gpuopt_open_chunk(*static_cast<const gpuopt_table_args*>(p), c);
+        gpuopt_update_range(ch.r, ch.begin, ch.end, ch.h, ch.totals);
+    }, &args);
     return 0;
 }
 
@@ -254,35 +264,23 @@ extern "C" int gpuopt_multi_reduce(const int threads, const long long objects, c
     const int level = (int)a[0];
     const int tensors = (int)a[1];
     const long long chunks = (long long)a[2];
-    const gpuopt_word* table = GPUOPT_ARRAY(const gpuopt_word*, 3);
     const long long* chunk_start = GPUOPT_ARRAY(const long long*, 4);
-    const int per_tensor = (int)a[5];
-    const gpuopt_compute_t* scalars = GPUOPT_ARRAY(const gpuopt_compute_t*, 6);
     double* totals = GPUOPT_ARRAY(double*, 7);  // (a[8], a[9]: the GPU's partial sums, unused)
-    gpuopt_compute_t shared[GPUOPT_SCALARS_ALLOC] = {};
-    for (int j = 0; j < GPUOPT_SCALARS; ++j) shared[j] = gpuopt_scalar_word(a[10 + j]);
     double* partial = static_cast<double*>(__builtin_malloc(sizeof(double) * GPUOPT_TERMS * (__SIZE_TYPE__)(chunks > 0 ? chunks : 1)));
     if (!partial) return 1;
-    const int team = chunks > 1 ? gpuopt_team(threads, gpuopt_table_elements(table, tensors)) : 1;
     struct context_t {
-        int level, tensors, per_tensor;
-        const gpuopt_word* table;
-        const long long* chunk_start;
-        const gpuopt_compute_t* scalars;
-        const gpuopt_compute_t (*shared)[GPUOPT_SCALARS_ALLOC];
-        const double* totals;
+        gpuopt_table_args args;
+        int level;
         double* partial;
-    } context = {level, tensors, per_tensor, table, chunk_start, scalars, &shared, totals, partial};
+    } context = {{tensors, (int)a[5], GPUOPT_ARRAY(const gpuopt_word*, 3), chunk_start,
+                  GPUOPT_ARRAY(const gpuopt_compute_t*, 6), {}, totals}, level, partial};
+    for (int j = 0; j < GPUOPT_SCALARS; ++j) context.args.shared[j] = gpuopt_scalar_word(a[10 + j]);
+    const int team = chunks > 1 ? gpuopt_team(threads, gpuopt_table_elements(context.args.table, tensors)) : 1;
     gpuopt_run_chunks(team, chunks, [](const void* p, long long c) {
         const context_t& k = *static_cast<const context_t*>(p);
-        const int t = gpuopt_tensor_of(c, k.chunk_start, k.tensors);
-        const gpuopt_tensor r = gpuopt_read_row(k.table, t);
-        gpuopt_compute_t h[GPUOPT_SCALARS_ALLOC];
-        gpuopt_scalars_of(t, k.per_tensor, k.scalars, *k.shared, h);
-        long long begin, end;
-        gpuopt_chunk_range(c, k.chunk_start, t, r.n, begin, end);
+        const gpuopt_native_chunk ch = gpuopt_open_chunk(k.args, c);
         double sum[GPUOPT_TERMS];
-        gpuopt_pairwise(k.level, r, begin, end - begin, h, k.totals + (long long)t * GPUOPT_TOTALS_ALLOC, sum);
+        gpuopt_pairwise(k.level, ch.r, ch.begin, ch.end - ch.begin, ch.h, ch.totals, sum);
         for (int j = 0; j < GPUOPT_TERMS; ++j) k.partial[c * GPUOPT_TERMS + j] = sum[j];
     }, &context);
     for (int t = 0; t < tensors; ++t) {  // each tensor's chunks in order, from 0.0
