@@ -8,106 +8,85 @@ import os
 import re
 from typing import Any
 
-import numpy as np
-
 from .options import matplotlib_pyplot, output_path
+
+#: column and line labels of the baselines and model variants
+LABELS = {"unfused": "unfused", "torch": "torch", "torch_fused": "torch fused", "torch_foreach": "torch foreach",
+          "multi_tensor": "gpuopt, one update call", "per_tensor_loop": "gpuopt, per-tensor loop",
+          "flat": "gpuopt, one flat tensor", "gpuopt_torch": "gpuopt.torch.Optimizer"}
 
 
 def format_time(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} us"
-    if seconds < 1:
-        return f"{seconds * 1e3:.3f} ms"
-    return f"{seconds:.3f} s"
-
-
-def _time_ratio(entry: dict[str, Any], key: str) -> str:
-    base = entry.get("baselines", {}).get(key)
-    if not base:
-        return ""
-    if "time_ratio" not in base:
-        return "error" if "error" in base else ""
-    return f"{base['time_ratio']:.2f}x"
+    return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.3f} ms" if seconds < 1 else \
+        f"{seconds:.3f} s"
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The human-readable summary: header, per rule and size table, model, targets."""
-    dev, copy = report["device"], report["copy_bandwidth"]
-    lines = [
-        f"gpuopt bench: {dev['backend']} on {dev['name']}, {report['config']['dtype']}, "
-        f"{report['config']['timer']}, median of {report['config']['repeats']} repeats",
-        f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['method']}"
-        + (f"; cudaMemcpy {copy['memcpy_gbps']:.1f}, copy kernel {copy['copy_kernel_gbps']:.1f}"
-           if "memcpy_gbps" in copy else "")
-        + (f"; np.copyto {copy['np_copyto_gbps']:.1f}" if "np_copyto_gbps" in copy else "") + ")",
-    ]
+    """The human-readable summary of a report: its table, the model, the targets and notes."""
+    lines = (_host_lines if report.get("kind") == "host" else _rule_lines)(report)
+    lines += ["", "targets:"]
+    for t in report["targets"]:
+        value = "" if t["value"] is None else f" = {t['value']:.3g} (limit {t['limit']:g})"
+        lines.append(f"  [{t['status']}] {t['id']}: {t['description']}{value}{': ' * bool(t['detail'])}{t['detail']}")
+    return "\n".join(lines + [f"note: {note}" for note in report.get("notes", [])])
+
+
+def _host_lines(report: dict[str, Any]) -> list[str]:
+    c = report["config"]
+    lines = [f"gpuopt host time per update call on {report['device']['name']} ({report['date']})",
+             f"{c['device']}, {c['tensors']} tensors ({c['parameters'] / 1e6:.1f}M parameters), median of "
+             f"{c['calls']} calls", "", f"{'case':<40} {'median':>10} {'min':>10} {'prepared/full':>14}"]
+    return lines + [f"{name:<40} {case['host_time_us']:>8.1f}us {case['host_time_min_us']:>8.1f}us "
+                    f"{case['prepared_calls']:>7}/{case['full_calls']:<6}" for name, case in report["cases"].items()]
+
+
+def _rule_lines(report: dict[str, Any]) -> list[str]:
+    dev, copy, config = report["device"], report["copy_bandwidth"], report["config"]
+    rates = ", ".join(f"{method} {gbps:.1f}" for method, gbps in copy.get("gbps_by_method", {}).items())
+    lines = [f"gpuopt bench: {dev['backend']} on {dev['name']}, {config['dtype']}, {config['timer']}, "
+             f"median of {config['repeats']} repeats",
+             f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['method']}{'; ' * bool(rates)}{rates})"]
     if "cpu_backend" in dev:
         lines.append(f"NumPy arrays on: {dev['cpu_backend']}")
     if report.get("native_build"):
         b = report["native_build"]
         lines.append(f"native module: first build {b['first_build_s']:.2f} s, cached start "
                      f"{b['cached_start_s'] * 1e3:.1f} ms")
-    lines.append("")
-    baseline_keys: list[str] = []
-    for entry in report["results"]:
-        for key in entry["baselines"]:
-            if key not in baseline_keys:
-                baseline_keys.append(key)
-    names = {"unfused": "x unfused", "torch": "x torch", "torch_fused": "x torch fused",
-             "torch_foreach": "x torch foreach"}
-    width = max([len(e["rule"]) for e in report["results"]] + [4])
-    header = (f"{'rule':<{width}}  {'size':>5}  {'B/elem':>6}  {'time/step':>11}  {'GB/s':>8}  "
-              f"{'% copy':>6}" + "".join(f"  {names.get(k, k):>16}" for k in baseline_keys))
-    lines += [header, "-" * len(header)]
-    for e in report["results"]:
-        lines.append(
-            f"{e['rule']:<{width}}  {'2^' + str(e['log2']):>5}  {e['bytes_per_element']:>6}  "
-            f"{format_time(e['time_s']):>11}  {e['gbps']:>8.1f}  {e['pct_copy']:>5.1f}%"
-            + "".join(f"  {_time_ratio(e, k):>16}" for k in baseline_keys))
-    if not report["results"]:
-        lines.append("(no results)")
+    results = report["results"]
+    keys = list(dict.fromkeys(key for e in results for key in e["baselines"]))
+    width = max([len(e["rule"]) for e in results] + [4])
+    header = (f"{'rule':<{width}}  {'size':>5}  {'B/elem':>6}  {'time/step':>11}  {'GB/s':>8}  {'% copy':>6}"
+              + "".join(f"  {'x ' + LABELS.get(k, k):>16}" for k in keys))
+    lines += ["", header, "-" * len(header)]
+    for e in results:
+        ratios = [_ratio(e["baselines"].get(k, {})) for k in keys]
+        lines.append(f"{e['rule']:<{width}}  {'2^' + str(e['log2']):>5}  {e['bytes_per_element']:>6}  "
+                     f"{format_time(e['time_s']):>11}  {e['gbps']:>8.1f}  {e['pct_copy']:>5.1f}%"
+                     + "".join(f"  {ratio:>16}" for ratio in ratios))
     lines.append("x unfused, x torch ...: gpuopt's time per step as a multiple of that baseline's "
-                 "(below 1x: gpuopt is faster)")
-    for skip in report["skipped"]:
-        what = f"{skip['rule']} at " if "rule" in skip else ""
-        lines.append(f"skipped {what}2^{skip['log2']}: {skip['reason']}")
+                 "(below 1x: gpuopt is faster)" if results else "(no results)")
+    lines += [f"skipped {skip}" for skip in report["skipped"]]
     model = report.get("model")
     if model:
-        lines += ["", f"model: GPT-2 small shapes ({model['tensors']} tensors, "
-                      f"{model['parameters'] / 1e6:.1f}M parameters, {model['layers']} blocks, width "
-                      f"{model['width']}), ADAM {model['dtype']}"]
-        if "skipped" in model:
-            lines.append(f"  skipped: {model['skipped']}")
-        labels = {"multi_tensor": "gpuopt, one update call", "per_tensor_loop": "gpuopt, per-tensor loop",
-                  "flat": "gpuopt, one flat tensor", "unfused_loop": "unfused expressions, loop",
-                  "torch": "torch.optim.Adam", "torch_fused": "torch Adam(fused=True)",
-                  "torch_foreach": "torch Adam(foreach=True)", "gpuopt_torch": "gpuopt.torch.Optimizer"}
+        lines += ["", f"model: GPT-2 small shapes ({model['tensors']} tensors, {model['parameters'] / 1e6:.1f}M "
+                      f"parameters, {model['layers']} blocks, width {model['width']}), ADAM {model['dtype']}"]
         for name, v in (model.get("variants") or {}).items():
-            ratio = v.get("time_ratio_to_multi_tensor")
-            extra = f"  {ratio:.2f}x the time of one update call" if ratio is not None else ""
-            if "time_ratio_to_torch_fused" in v:
-                extra += f", {v['time_ratio_to_torch_fused']:.2f}x the time of torch Adam(fused=True)"
-            if "host_time_s" in v:
-                extra += f"  (host time per call {format_time(v['host_time_s'])})"
+            label = f"  {LABELS.get(name, name):<28} "
             if "time_s" not in v:
-                lines.append(f"  {labels.get(name, name):<28} error: {v.get('error', '?')}")
+                lines.append(f"{label}error: {v.get('error', '?')}")
                 continue
-            gbps = f"{v['gbps']:>8.1f} GB/s" if "gbps" in v else ""
-            lines.append(f"  {labels.get(name, name):<28} {format_time(v['time_s']):>11}  {gbps}{extra}")
-    lines += ["", "targets:"]
-    for t in report["targets"]:
-        value = "" if t["value"] is None else f" = {t['value']:.3g} (limit {t['limit']:g})"
-        detail = f": {t['detail']}" if t["detail"] else ""
-        lines.append(f"  [{t['status']}] {t['description']}{value}{detail}")
-    for note in report.get("notes", []):
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
+            lines.append(label + f"{format_time(v['time_s']):>11}  {v['gbps']:>8.1f} GB/s" + "".join(
+                text.format(v[key]) for key, text in (
+                    ("time_ratio_to_multi_tensor", "  {:.2f}x the time of one update call"),
+                    ("time_ratio_to_torch_fused", ", {:.2f}x the time of torch Adam(fused=True)"),
+                    ("host_time_us", "  (host time per call {:.1f} us)")) if key in v))
+    return lines
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+def _ratio(baseline: dict[str, Any]) -> str:
+    return f"{baseline['time_ratio']:.2f}x" if "time_ratio" in baseline else "error" * ("error" in baseline)
 
 
 def write_json(report: dict[str, Any], path: str) -> str:
@@ -127,22 +106,19 @@ def _output(report: dict[str, Any], path: str, suffix: str) -> str:
     if not is_dir:
         return target
     os.makedirs(target, exist_ok=True)
-    name = (f"{_slug(report['device']['name'])}-{report['device']['backend']}-"
-            f"{report['config']['dtype']}-{report['date'][:10]}{suffix}")
-    return os.path.join(target, name)
+    device = re.sub(r"[^a-z0-9]+", "-", report["device"]["name"].lower()).strip("-") or "device"
+    return os.path.join(target, f"{device}-{report['device']['backend']}-{report['config']['dtype']}-"
+                                f"{report['date'][:10]}{suffix}")
 
 
 def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
+    """JSON has no NaN or infinity: write them as null (and NumPy scalars as numbers)."""
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
-    if isinstance(value, np.generic):
-        return _finite(value.item())
-    return value
+    value = value.item() if hasattr(value, "item") and not isinstance(value, (int, str)) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def plot_report(report: dict[str, Any], path: str) -> str:
@@ -152,23 +128,18 @@ def plot_report(report: dict[str, Any], path: str) -> str:
     path = _output(report, path, ".png")
     plt = matplotlib_pyplot()
     fig, ax = plt.subplots(figsize=(10, 6))
-    rules: dict[str, list[tuple[int, float]]] = {}
-    for e in report["results"]:
-        rules.setdefault(e["rule"], []).append((e["elements"], e["gbps"]))
-    for name, points in rules.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
+    for rule in dict.fromkeys(e["rule"] for e in report["results"]):
+        points = sorted((e["elements"], e["gbps"]) for e in report["results"] if e["rule"] == rule)
+        ax.plot(*zip(*points), marker="o", markersize=3, label=rule)
     copy = report["copy_bandwidth"]["gbps"]
     ax.axhline(copy, color="black", linestyle="--", linewidth=1, label=f"copy bandwidth ({copy:.0f} GB/s)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("elements per parameter array")
-    ax.set_ylabel("GB/s (bytes a step must move / time per step)")
-    dev = report["device"]
-    ax.set_title(f"gpuopt update: {dev['backend']} on {dev['name']}, {report['config']['dtype']}")
+    ax.set(xlabel="elements per parameter array", ylabel="GB/s (bytes a step must move / time per step)",
+           title=f"gpuopt update: {report['device']['backend']} on {report['device']['name']}, "
+                 f"{report['config']['dtype']}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
