@@ -1,6 +1,6 @@
-"""Where the benchmark runs: the device of the backend that updates its arrays (the GPU's
-:class:`~gpuopt.backends.cupy_backend.CupyDevice`, or the CPU's native device), with the clock,
-free memory and copy bandwidth of that machine, and PyTorch on the same arrays."""
+"""Where the benchmark runs (:class:`Machine`): the device of the backend that updates its arrays
+(the GPU's :class:`~gpuopt.backends.cupy_backend.CupyDevice`, or the CPU's native device), the
+clock, copy bandwidth and build times of that machine, and PyTorch on the same arrays."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends import cxx_build, describe, get_backend
 from ..plan import plan
 from ..rules import ADAM, Descent
 
@@ -31,12 +32,11 @@ TORCH_ADAM = {"cupy": {"torch_fused": {"fused": True}, "torch_foreach": {"foreac
 
 def measure_steps(elapsed: Callable[[Callable[[], None]], float], steps: Callable[[int], None],
                   repeats: int, warmup: int, target_s: float) -> dict[str, Any]:
-    """Warm up, pick how many steps one repeat runs, then time ``repeats`` repeats: seconds per
-    step, the median (``time_s``) and the fastest repeat's."""
+    """Warm up, pick how many steps one repeat runs (to last ``target_s``), then time ``repeats``
+    repeats: seconds per step, the median (``time_s``) and the fastest repeat's."""
     if warmup:
         elapsed(lambda: steps(warmup))
-    one = elapsed(lambda: steps(1))
-    inner = max(1, min(MAX_INNER, math.ceil(target_s / max(one, 1e-7))))
+    inner = max(1, min(MAX_INNER, math.ceil(target_s / max(elapsed(lambda: steps(1)), 1e-7))))
     times = [elapsed(lambda: steps(inner)) / inner for _ in range(repeats)]
     return {"time_s": statistics.median(times), "time_min_s": min(times), "repeats": repeats,
             "steps_per_repeat": inner}
@@ -47,35 +47,25 @@ class Machine:
     ``device`` is that backend's own object, None where NumPy arrays run on the NumPy executor."""
 
     def __init__(self, kind: str) -> None:
-        from ..backends import get_backend
-
-        self.kind = kind
-        self.gpu = kind == "cupy"
+        self.kind, self.gpu = kind, kind == "cupy"
         self.device: Any = getattr(get_backend(kind), "device", None)
         self.xp: Any = np if self.device is None else self.device.xp
         self.threads = getattr(self.device, "cpu_threads", 1)  # the CPU threads an update uses
 
-    def name(self) -> str:
-        if self.gpu:
-            name = self._properties()["name"]
-            return name.decode() if isinstance(name, bytes) else str(name)
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:  # (Linux) the CPU's marketing name
-                return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            return platform.processor() or platform.machine() or "unknown CPU"
-
-    def _properties(self) -> dict[str, Any]:
-        return self.xp.cuda.runtime.getDeviceProperties(self.xp.cuda.Device().id)
-
-    def info(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
+        """The machine's name and what else a report should say about it."""
         if not self.gpu:
-            from ..backends import describe
-
-            return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu_backend": describe("numpy"),
-                    "threads": self.threads}
-        props, runtime = self._properties(), self.xp.cuda.runtime
-        return {"total_memory_bytes": int(props.get("totalGlobalMem", 0)),
+            try:
+                with open("/proc/cpuinfo", encoding="utf-8") as f:  # (Linux) the CPU's marketing name
+                    name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            except (OSError, StopIteration):
+                name = platform.processor() or platform.machine() or "unknown CPU"
+            return {"name": name, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "cpu_backend": describe("numpy"), "threads": self.threads}
+        runtime = self.xp.cuda.runtime
+        props = runtime.getDeviceProperties(self.xp.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        return {"name": name, "total_memory_bytes": int(props.get("totalGlobalMem", 0)),
                 "compute_capability": f"{props.get('major')}.{props.get('minor')}",
                 "multiprocessors": props.get("multiProcessorCount"),
                 "cuda_runtime": runtime.runtimeGetVersion(), "cuda_driver": runtime.driverGetVersion()}
@@ -84,41 +74,40 @@ class Machine:
         if self.gpu:
             self.xp.cuda.Device().synchronize()
 
-    def elapsed(self, fn: Callable[[], None]) -> float:
-        """Seconds ``fn`` takes: CUDA events on the GPU, ``perf_counter`` on the CPU."""
+    def elapsed(self, fn: Callable[[], None], events: Any = None) -> float:
+        """Seconds ``fn`` takes: ``perf_counter`` on the CPU; on the GPU, CUDA events (CuPy's, or
+        ``events`` such as ``torch.cuda.Event`` for work on PyTorch's stream)."""
         if not self.gpu:
             start = time.perf_counter()
             fn()
             return time.perf_counter() - start
-        cuda = self.xp.cuda
         self.sync()
-        start, end = cuda.Event(), cuda.Event()
+        start, end = (events(enable_timing=True) if events else self.xp.cuda.Event() for _ in range(2))
         start.record()
         fn()
         end.record()
         end.synchronize()
-        return cuda.get_elapsed_time(start, end) / 1e3
+        return (start.elapsed_time(end) if events else self.xp.cuda.get_elapsed_time(start, end)) / 1e3
 
     def random(self, shape: Any, dtype: np.dtype, seed: int) -> Any:
         generator = self.xp.random.RandomState(seed) if self.gpu else np.random.default_rng(seed)
         return generator.standard_normal(shape, dtype=np.float32 if dtype == np.float16 else dtype).astype(dtype)
 
     def release(self, collect: bool = False) -> None:
+        """Give freed memory back (CuPy's and PyTorch's pools); ``collect``: collect garbage first."""
         if collect:
             gc.collect()
+        torch = sys.modules.get("torch")
         if self.gpu:
             self.xp.get_default_memory_pool().free_all_blocks()
-            self.xp.get_default_pinned_memory_pool().free_all_blocks()
-            torch = sys.modules.get("torch")
             if torch is not None and torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
 
     def copy_bandwidth(self, repeats: int) -> dict[str, Any]:
         """GB/s of a copy (bytes read + written) of a buffer far larger than any cache: on the GPU
-        the faster of cudaMemcpy and a copy kernel; on the CPU a copy on the threads an update
+        the faster of cudaMemcpy and a copy kernel; on the CPU the copy on the threads an update
         uses (the native device's), with one-thread ``np.copyto`` beside it."""
-        xp = self.xp
-        n = COPY_BYTES[self.kind] // 4
+        xp, n = self.xp, COPY_BYTES[self.kind] // 4
         src, dst = xp.ones(n, dtype=np.float32), xp.zeros(n, dtype=np.float32)
         if self.gpu:
             kernel = xp.ElementwiseKernel("T x", "T y", "y = x", "gpuopt_bench_copy")
@@ -127,13 +116,11 @@ class Machine:
         else:
             copies = {"np.copyto": lambda: np.copyto(dst, src)}
             if self.device is not None:
-                source = self.device.module_source(*_module_of(Descent()))
+                source = self.device.module_source(*_float32_module(Descent()))
                 copies[f"native copy, {self.threads} threads"] = lambda: self.device.copy(dst, src, source)
-        rates = {}
-        for method, copy in copies.items():
-            timing = measure_steps(self.elapsed, lambda m, copy=copy: [copy() for _ in range(m)],
-                                   max(repeats, 5), 3 if self.gpu else 1, 0.0)
-            rates[method] = 2 * n * 4 / timing["time_s"] / 1e9
+        rates = {method: 2 * n * 4 / measure_steps(self.elapsed, lambda m, copy=copy: [copy() for _ in range(m)],
+                                                   max(repeats, 5), 3 if self.gpu else 1, 0.0)["time_s"] / 1e9
+                 for method, copy in copies.items()}
         # On the CPU the copy on the update's own threads (the last) is the reference.
         best = max(rates, key=rates.__getitem__) if self.gpu else list(rates)[-1]
         return {"gbps": rates[best], "method": best, "buffer_bytes": n * 4, "gbps_by_method": rates}
@@ -143,21 +130,19 @@ class Machine:
         again as a new process would (cache on disk, compiler version asked anew)."""
         if self.gpu or self.device is None:
             return None
-        from ..backends import cxx_build
-
         times = {}
         with tempfile.TemporaryDirectory(prefix="gpuopt-bench-build-") as folder:
             for what in ("first_build_s", "cached_start_s"):
                 cxx_build.compiler_identity.cache_clear()
                 start = time.perf_counter()
                 device = type(self.device)(self.device.compiler, Path(folder))
-                device.library(device.module_source(*_module_of(ADAM())))
+                device.library(device.module_source(*_float32_module(ADAM())))
                 times[what] = time.perf_counter() - start
         return times
 
     def torch(self) -> Any:
-        """PyTorch where it is importable (with CUDA on the GPU, on the update's threads on the
-        CPU), else None."""
+        """PyTorch where it is importable (with CUDA on the GPU; on the CPU set to the threads an
+        update uses), else None."""
         try:
             import torch
 
@@ -169,25 +154,8 @@ class Machine:
             torch.set_num_threads(self.threads)
         return torch
 
-    def torch_elapsed(self, torch: Any) -> Callable[[Callable[[], None]], float]:
-        """The clock for PyTorch's work: CUDA events on PyTorch's stream on the GPU."""
-        if not self.gpu:
-            return self.elapsed
 
-        def elapsed(fn: Callable[[], None]) -> float:
-            self.sync()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-
-        return elapsed
-
-
-def _module_of(rule: Any) -> tuple[Any, ...]:
+def _float32_module(rule: Any) -> tuple[Any, ...]:
     """The arguments of ``module_source`` for ``rule`` on float32 arrays."""
     return plan(rule), np.dtype(np.float32), np.dtype(np.float32), False
 

@@ -1,82 +1,42 @@
 """``python -m gpuopt bench --host``: the host time of one ``update`` call, on any machine.
 
-The kernel backend runs with :class:`NoopDevice`, a device that compiles and launches nothing,
-so what is timed is gpuopt's own Python work per call (checks, the prepared path, host scalars,
-table refreshes) without CuPy's launch cost, on GPT-2 small's 148 parameter tensors: ADAM with
-the same gradient arrays every step (PyTorch's persistent ``.grad``) and with new ones every
-step (a CuPy backward pass, or PyTorch after ``zero_grad(set_to_none=True)``); the same with
-PyTorch tensors (CPU tensors here, standing in for CUDA ones: the prepared path reads them the
-same way); 1000 tensors; and the chains ``ClipNorm+ADAM`` and ``ClipValue+WeightDecay+ADAM``.
-
-Arrays are NumPy memory wrapped as :class:`DeviceMemory`, whose address is read as cheaply
-as a CuPy array's. Each figure is the median over many calls (the machine may be busy).
+The kernel backend runs with :class:`~gpuopt.backends.noop.NoopDevice`, which launches nothing,
+so what is timed is gpuopt's own work per call without CuPy's launch cost, on GPT-2 small's 148
+tensors: ADAM with the same gradient arrays every step (PyTorch's persistent ``.grad``) and with
+new ones (a CuPy backward pass, or ``zero_grad(set_to_none=True)``); the same with PyTorch
+tensors (CPU tensors standing in for CUDA ones: the prepared path reads them the same way);
+1000 tensors; and two chains. Each figure is the median over many calls.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import statistics
 import time
 from collections.abc import Callable
-from operator import attrgetter
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from ..api import update
 from ..backends import backend_override
-from ..backends.kernel_backend import Device, KernelBackend
+from ..backends.kernel_backend import KernelBackend
+from ..backends.noop import NoopDevice
 from ..chain import Optimiser
-from ..prepared import PATHS, POINTER_READERS
+from ..prepared import PATHS
 from ..rule import Rule
 from ..rules import ADAM, ClipNorm, ClipValue, WeightDecay
+from .devices import Machine
+from .targets import host_targets
 from .workload import gpt2_shapes
 
 CHAINS: dict[str, Callable[[], Rule]] = {
     "ClipNorm+ADAM": lambda: Optimiser(ClipNorm(1.0), ADAM()),
     "ClipValue+WeightDecay+ADAM": lambda: Optimiser(ClipValue(1.0), WeightDecay(1e-4), ADAM()),
 }
-
-
-class DeviceMemory(np.ndarray):
-    """A NumPy array that knows its address as an attribute, as a CuPy array does
-    (``ndarray.ctypes.data`` costs a microsecond, ``cupy.ndarray.data.ptr`` a few dozen ns)."""
-
-    ptr: int
-
-    def __array_finalize__(self, obj: Any) -> None:
-        self.ptr = self.ctypes.data
-
-
-POINTER_READERS[DeviceMemory] = attrgetter("ptr")
-
-
-class NoopDevice(Device):
-    """A kernel-backend :class:`~gpuopt.backends.kernel_backend.Device` that launches nothing:
-    host work only. It counts the launches it is asked for."""
-
-    xp = SimpleNamespace(empty=lambda shape, dtype=np.float32: np.empty(shape, dtype).view(DeviceMemory),
-                         zeros=lambda shape, dtype=np.float32: np.zeros(shape, dtype).view(DeviceMemory),
-                         asarray=lambda array: np.asarray(array).view(DeviceMemory),
-                         ascontiguousarray=np.ascontiguousarray)
-    threads = 256
-    max_blocks = 1 << 20
-
-    def __init__(self) -> None:
-        self.launches = 0
-
-    def kernel(self, source: str, name: str) -> Callable[[int, int, Any], None]:
-        def launch(blocks: int, threads: int, args: Any) -> None:
-            self.launches += 1
-
-        return launch
-
-    @staticmethod
-    def pointer(array: Any) -> int:
-        return array.ptr if type(array) is DeviceMemory else array.ctypes.data
 
 
 def time_calls(opt: Rule, params: list, grads: list, calls: int, sync: Callable[[], None],
@@ -108,37 +68,32 @@ def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: i
                    use_torch: bool = True, launches: bool = False) -> dict[str, Any]:
     """Every host-time case; returns the report (``targets`` included) that ``--json`` writes.
     ``launches`` runs them on the GPU with real launches (synchronised before each timed call)."""
-    from .devices import Machine
     from .runner import run_record
-    from .targets import host_targets
 
     started = time.perf_counter()
     machine = Machine("cupy" if launches else "numpy")
     shapes = [shape for _, shape in gpt2_shapes(layers, width)]
-    xp = machine.xp if launches else NoopDevice.xp
-    makers = {"": (lambda s: xp.zeros(s, dtype=np.float32), lambda s: xp.empty(s, dtype=np.float32), list)}
-    torch = machine.torch() if use_torch else None
-    if torch is not None:
-        on = "cuda" if launches else "cpu"
-        makers["torch "] = (lambda s: torch.zeros(s, device=on), lambda s: torch.empty(s, device=on),
-                            lambda tensors: [torch.nn.Parameter(t) for t in tensors])
+    xp, torch = machine.xp if launches else NoopDevice.xp, machine.torch() if use_torch else None
+
+    def arrays(shapes: list, params: bool = False) -> list:
+        return [xp.zeros(shape, dtype=np.float32) for shape in shapes]
+
+    def tensors(shapes: list, params: bool = False) -> list:
+        made = [torch.zeros(shape, device="cuda" if launches else "cpu") for shape in shapes]
+        return [torch.nn.Parameter(t) for t in made] if params else made
+
     cases: dict[str, dict[str, Any]] = {}
     with contextlib.nullcontext() if launches else backend_override("numpy", KernelBackend(NoopDevice())):
         for kind in ("same", "new"):
-            runs = [(f"ADAM/{kind}", ADAM, shapes, ""), (f"ADAM/{kind}/{many}", ADAM, [(4096,)] * many, ""),
-                    *((f"{name}/{kind}", factory, shapes, "") for name, factory in CHAINS.items()),
-                    (f"torch ADAM/{kind}", ADAM, shapes, "torch ")]
-            for name, factory, case_shapes, arrays in runs:
-                if arrays not in makers:
-                    continue
-                zeros, empty, as_params = makers[arrays]
-                params = as_params([zeros(s) for s in case_shapes])
-                new_grads = (lambda e=empty, s=case_shapes: [e(shape) for shape in s]) if kind == "new" else None
-                cases[name] = time_calls(factory(), params, [zeros(s) for s in case_shapes], calls, machine.sync,
-                                         new_grads)
+            runs = {f"ADAM/{kind}": (ADAM, shapes, arrays), f"ADAM/{kind}/{many}": (ADAM, [(4096,)] * many, arrays),
+                    **{f"{name}/{kind}": (factory, shapes, arrays) for name, factory in CHAINS.items()},
+                    **({f"torch ADAM/{kind}": (ADAM, shapes, tensors)} if torch is not None else {})}
+            for name, (factory, case_shapes, make) in runs.items():
+                new_grads = functools.partial(make, case_shapes) if kind == "new" else None
+                cases[name] = time_calls(factory(), make(case_shapes, params=True), make(case_shapes),
+                                         calls, machine.sync, new_grads)
                 gc.collect()
-    report = run_record("host", {"name": machine.name(), "backend": "host-cupy" if launches else "host-noop",
-                                 **machine.info()}, {
+    report = run_record("host", {"backend": "host-cupy" if launches else "host-noop", **machine.describe()}, {
         "calls": calls, "tensors": len(shapes), "layers": layers, "width": width, "many": many, "dtype": "float32",
         "parameters": sum(math.prod(s) for s in shapes), "rules": ["ADAM", *CHAINS],
         "timer": "time.perf_counter per call, median",

@@ -16,7 +16,6 @@ from ..arguments import choose_backend, non_negative_int, parse_optimiser, posit
 from ..rule import Rule
 from .workload import ALIASES, RULES
 
-DTYPES = ("float32", "float16", "float64")
 #: per backend: log2 sizes, repeats, warm-up steps
 DEFAULTS = {"cupy": ((16, 28), 20, 3), "numpy": ((16, 24), 5, 1)}
 
@@ -35,8 +34,8 @@ def parse_rules(text: str) -> list[tuple[str, Callable[[], Rule]]]:
     by_lower = {name.lower(): name for name in RULES} | ALIASES
     try:
         tree = ast.parse(text, mode="eval").body
-    except SyntaxError:
-        raise argparse.ArgumentTypeError(f"--rules: cannot read {text!r}") from None
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise argparse.ArgumentTypeError(f"--rules: cannot read {text[:100]!r}") from None
     chosen: dict[str, Callable[[], Rule]] = {}
     for node in tree.elts if isinstance(tree, ast.Tuple) else [tree]:
         item = ast.get_source_segment(text, node) or ""
@@ -67,44 +66,40 @@ def parse_sizes(text: str) -> list[int]:
     return sorted(sizes)
 
 
+#: the options: (flags, argparse keywords); ON_OFF for a --x/--no-x switch
+ON_OFF = {"action": argparse.BooleanOptionalAction, "default": True}
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--rules", dict(type=parse_rules, default="all", metavar="LIST", help="comma list of rules or optimiser "
+                     f"expressions (default: all: {', '.join(RULES)})")),
+    ("--sizes", dict(type=parse_sizes, metavar="LOG2", help="log2 element counts: a range (16-28) or a comma list "
+                     "(10,12) (default: 16-28 on a GPU, 16-24 on NumPy)")),
+    ("--dtype", dict(choices=("float32", "float16", "float64"), default="float32", help="parameter dtype")),
+    ("--backend", dict(choices=("auto", "numpy", "cupy"), default="auto", help="auto: cupy where a GPU is usable")),
+    ("--repeats", dict(type=positive_int, metavar="N", help="timed repeats, the median is reported (default: 20 "
+                       "on a GPU, 5 on NumPy)")),
+    ("--warmup", dict(type=non_negative_int, metavar="N", help="untimed steps first (default: 3 GPU, 1 NumPy)")),
+    ("--json", dict(metavar="PATH", help="write the results as JSON (a directory: a file named by device and date)")),
+    ("--plot", dict(metavar="PATH", help="write a PNG of GB/s against size (needs matplotlib), as for --json")),
+    ("--model", dict(**ON_OFF, help="GPT-2 small's 148 tensors in one update call against a per-tensor loop, "
+                     "one flat tensor and PyTorch")),
+    ("--model-layers", dict(type=positive_int, default=12, metavar="N", help="the model's transformer blocks")),
+    ("--model-width", dict(type=positive_int, default=768, metavar="N", help="the model's embedding width")),
+    ("--baselines", dict(**ON_OFF, help="time each rule's plain formula (gpuopt.plain)")),
+    ("--torch", dict(**ON_OFF, help="compare with torch.optim.Adam where PyTorch is importable")),
+    ("--host", dict(action="store_true", help="time only gpuopt's host work per update call, with a device that "
+                    "launches nothing (any machine)")),
+    ("--host-calls", dict(type=positive_int, default=500, metavar="N", help="update calls per --host case")),
+    ("--host-launches", dict(action="store_true", help="with --host: real launches on the GPU")),
+    ("--host-many", dict(type=positive_int, default=1000, metavar="N", help="tensors of the --host many-tensor case")),
+    ("--fail-on-targets", dict(action="store_true", help="exit with status 1 when a measured target is not met")),
+    ("--quiet", dict(action="store_true", help="no progress lines")),
+]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the benchmark's options on ``parser``."""
-    arg = parser.add_argument
-    on_off = argparse.BooleanOptionalAction
-    arg("--rules", type=parse_rules, default="all", metavar="LIST",
-        help=f"comma list of rules or optimiser expressions (default: all: {', '.join(RULES)})")
-    arg("--sizes", type=parse_sizes, default=None, metavar="LOG2",
-        help="log2 element counts: a range (16-28) or a comma list (10,12) (default: 16-28 on a GPU, 16-24 on NumPy)")
-    arg("--dtype", choices=DTYPES, default="float32", help="parameter dtype (default: float32)")
-    arg("--backend", choices=("auto", "numpy", "cupy"), default="auto",
-        help="array backend; auto picks cupy only where a GPU is usable (default: auto)")
-    arg("--repeats", type=positive_int, default=None, metavar="N",
-        help="timed repeats per measurement, the median is reported (default: 20 on a GPU, 5 on NumPy)")
-    arg("--warmup", type=non_negative_int, default=None, metavar="N",
-        help="untimed steps before timing (default: 3 on a GPU, 1 on NumPy)")
-    arg("--json", default=None, metavar="PATH", help="write the results as JSON to PATH (a directory: a file "
-        "named by device and date inside it, e.g. benchmarks/results/)")
-    arg("--plot", default=None, metavar="PATH",
-        help="write a PNG of GB/s against size (needs matplotlib: gpuopt[plot]); a directory as for --json")
-    arg("--model", action=on_off, default=True, help="compare one multi-tensor update of GPT-2 small's 148 "
-        "tensors with a per-tensor loop, one flat tensor and PyTorch (default: on)")
-    arg("--model-layers", type=positive_int, default=12, metavar="N",
-        help="transformer blocks of the model (default: 12, GPT-2 small)")
-    arg("--model-width", type=positive_int, default=768, metavar="N",
-        help="embedding width of the model (default: 768, GPT-2 small)")
-    arg("--baselines", action=on_off, default=True, help="time the unfused plain formulas (default: on)")
-    arg("--torch", action=on_off, default=True,
-        help="compare with torch.optim.Adam where PyTorch is importable (default: on)")
-    arg("--host", action="store_true", help="measure only the host time of one update call (GPT-2 small, "
-        "1000 tensors, chains, PyTorch tensors) with a device that launches nothing; runs on any machine")
-    arg("--host-calls", type=positive_int, default=500, metavar="N",
-        help="update calls timed per --host case, the median is reported (default: 500)")
-    arg("--host-launches", action="store_true",
-        help="with --host: run on the GPU with real launches instead of the no-op device")
-    arg("--host-many", type=positive_int, default=1000, metavar="N",
-        help="tensors of the --host case that compares many tensors with GPT-2's (default: 1000)")
-    arg("--fail-on-targets", action="store_true", help="exit with status 1 when a measured target is not met")
-    arg("--quiet", action="store_true", help="no progress display")
+    for flag, keywords in OPTIONS:
+        parser.add_argument(flag, **keywords)
 
 
 def config_from_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -142,16 +137,13 @@ def output_path(path: str, suffix: str) -> tuple[str, bool]:
 def check_output_path(path: str, option: str, suffix: str) -> None:
     """BenchError now, before anything is measured, if ``path`` cannot be written later."""
     target, is_dir = output_path(path, suffix)
-    directory = target if is_dir else (os.path.dirname(target) or ".")
-    existing = directory
-    while existing and not os.path.exists(existing):  # a directory may be created, under one that exists
-        if not is_dir:
-            raise BenchError(f"{option}: directory {directory!r} does not exist")
-        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise BenchError(f"{option}: cannot write in {existing!r}")
-    if not is_dir and os.path.isdir(target):
-        raise BenchError(f"{option}: {target!r} is a directory")
+    folder = target if is_dir else os.path.dirname(target) or "."
+    while is_dir and not os.path.exists(folder):  # a directory is made later, under one that exists
+        folder = os.path.dirname(folder.rstrip(os.sep)) or "."
+    if not os.path.isdir(folder):
+        raise BenchError(f"{option}: directory {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (not is_dir and os.path.isdir(target)):
+        raise BenchError(f"{option}: cannot write {target!r}")
 
 
 def matplotlib_pyplot() -> Any:

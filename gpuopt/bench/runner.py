@@ -1,4 +1,4 @@
-"""One benchmark run: every rule and size, the model comparison, and the report they make."""
+"""One benchmark run (:func:`benchmark`): every rule and size, the model, and their report."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ..plain import Unfused
 from ..rule import Rule
 from ..rules import ADAM
 from .devices import TORCH_ADAM, Machine, measure_steps, torch_view
+from .host import time_calls
 from .options import config_from_args
 from .targets import evaluate_targets
 from .workload import bytes_per_element, gpt2_shapes
@@ -32,33 +33,28 @@ HOST_CALLS = 50  # update calls timed on the host for the model
 def run_record(kind: str, device: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """The fields every report starts with: what ran where, when, with which versions."""
     versions = {"gpuopt": __version__, "numpy": np.__version__, "python": platform.python_version(),
-                "cupy": getattr(cupy_module(), "__version__", None)}
+                "cupy": getattr(cupy_module(), "__version__", None), "torch": None}
     try:
         versions["torch"] = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
-        versions["torch"] = None
+        pass
     return {"schema": 1, "kind": kind, "device": device, "versions": versions, "config": config,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-class _Run:
-    """One benchmark run: the machine, the progress lines and the notes made on the way."""
+class Run:
+    """One benchmark run: its settings, the machine, the progress lines, notes and skips."""
 
     def __init__(self, config: argparse.Namespace, say: Callable[[str], None]) -> None:
         self.config, self.say = config, say
         self.machine = Machine(config.backend)
+        self.torch = self.machine.torch() if config.torch else None
         self.notes: list[str] = []
         self.skipped: list[dict[str, Any]] = []
-        self.torch = self.machine.torch() if config.torch else None
-
-    def note(self, message: str) -> None:
-        self.notes.append(message)
-        self.say(f"note: {message}")
 
     def measure(self, steps: Callable[[int], None], elapsed: Callable | None = None) -> dict[str, Any]:
         c = self.config
-        return measure_steps(elapsed or self.machine.elapsed, steps, c.repeats, c.warmup,
-                             REPEAT_TARGET_S[c.backend])
+        return measure_steps(elapsed or self.machine.elapsed, steps, c.repeats, c.warmup, REPEAT_TARGET_S[c.backend])
 
     def attempt(self, what: str, timing: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """A baseline's timing; a failure is recorded (and shown) instead of ending the run."""
@@ -66,7 +62,8 @@ class _Run:
             return timing()
         except Exception as exc:  # noqa: BLE001 - a baseline must not end the benchmark
             message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            self.note(f"{what} failed: {message}")
+            self.notes.append(f"{what} failed: {message}")
+            self.say(f"note: {self.notes[-1]}")
             return {"error": message}
         finally:
             self.machine.release()
@@ -83,32 +80,29 @@ class _Run:
 
     def torch_steps(self, params: list[Any], grads: list[Any], make: Callable[[list[Any]], Any]) -> dict[str, Any]:
         """Time ``make(tensors).step()`` on torch views of ``params`` with ``grads`` as ``.grad``."""
-        torch = self.torch
-        tparams = [torch_view(torch, p) for p in params]
-        for tp, g in zip(tparams, grads):
-            tp.grad = torch_view(torch, g)
-        opt = make(tparams)
+        torch, tensors = self.torch, [torch_view(self.torch, p) for p in params]
+        for tensor, g in zip(tensors, grads):
+            tensor.grad = torch_view(torch, g)
+        opt = make(tensors)
         try:
-            return self.measure(lambda m: [opt.step() for _ in range(m)], self.machine.torch_elapsed(torch))
+            return self.measure(lambda m: [opt.step() for _ in range(m)],
+                                lambda fn: self.machine.elapsed(fn, torch.cuda.Event))
         finally:  # free its state now rather than at the next garbage collection
             opt.state.clear()
             for group in opt.param_groups:  # gpuopt.torch.Optimizer keeps its state in its rules
-                if "rule" in group:
-                    group["rule"].reset()
+                group.get("rule", ADAM()).reset()
 
     def baselines(self, factory: Callable[[], Rule], params: list[Any], grads: list[Any], where: str
                   ) -> dict[str, dict[str, Any]]:
-        """The unfused formula's and (for ADAM) PyTorch's times on the same arrays."""
-        c, out = self.config, {}
-        if c.baselines:
-            def unfused() -> dict[str, Any]:
-                plain = Unfused(factory(), self.machine.xp)
-                return self.measure(lambda m: [plain.step_many(params, grads) for _ in range(m)])
+        """The plain formula's and (for ADAM) PyTorch's times on the same arrays."""
+        def unfused() -> dict[str, Any]:
+            plain = Unfused(factory(), self.machine.xp)
+            return self.measure(lambda m: [plain.step_many(params, grads) for _ in range(m)])
 
-            out["unfused"] = self.attempt(f"unfused {where}", unfused)
+        out = {"unfused": self.attempt(f"unfused {where}", unfused)} if self.config.baselines else {}
         if type(factory()) is ADAM and self.torch is not None:
             adam = self.torch.optim.Adam
-            for name, kwargs in TORCH_ADAM[c.backend].items():
+            for name, kwargs in TORCH_ADAM[self.config.backend].items():
                 out[name] = self.attempt(f"{name} {where}", lambda kwargs=kwargs: self.torch_steps(
                     params, grads, lambda tensors: adam(tensors, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kwargs)))
         return out
@@ -145,15 +139,14 @@ class _Run:
 
     def model(self) -> dict[str, Any]:
         """ADAM on GPT-2 small's tensors: one update call against a per-tensor loop, one flat
-        tensor of the same size, the unfused loop and PyTorch."""
-        c, machine = self.config, self.machine
+        tensor of the same size, the plain formula and PyTorch."""
+        c = self.config
         shapes = gpt2_shapes(c.model_layers, c.model_width)
         total = sum(math.prod(shape) for _, shape in shapes)
         bpe = bytes_per_element(ADAM(), c.dtype)
         info = {"rule": "ADAM", "dtype": c.dtype.name, "tensors": len(shapes), "parameters": total,
                 "layers": c.model_layers, "width": c.model_width, "bytes_per_element": bpe,
                 "shapes": {name: list(shape) for name, shape in shapes}}
-        machine.release(collect=True)
         try:
             variants = self.model_variants([shape for _, shape in shapes])
         except MemoryError as exc:
@@ -171,10 +164,13 @@ class _Run:
 
     def model_variants(self, shapes: list[tuple[int, ...]]) -> dict[str, dict[str, Any]]:
         c, machine = self.config, self.machine
+        machine.release(collect=True)
         params = [machine.random(shape, c.dtype, seed=i) for i, shape in enumerate(shapes)]
         grads = [machine.random(shape, c.dtype, seed=10_000 + i) for i, shape in enumerate(shapes)]
         self.say(f"model ({len(shapes)} tensors): gpuopt, then the baselines")
-        variants = {"multi_tensor": {**self.updates(ADAM(), params, grads), **self.host_time(params, grads)},
+        # On the GPU also the host time of one call (its launches queued, not waited for).
+        host = time_calls(ADAM(), params, grads, HOST_CALLS, lambda: None) if machine.gpu else {}
+        variants = {"multi_tensor": {**self.updates(ADAM(), params, grads), **host},
                     "per_tensor_loop": self.updates(ADAM(), params, grads, one_call=False),
                     **self.baselines(ADAM, params, grads, "on the model")}
         if self.torch is not None:
@@ -184,37 +180,23 @@ class _Run:
                 params, grads, lambda tensors: Optimizer(tensors, ADAM())))
         params = grads = []
         machine.release(collect=True)
-        total = sum(math.prod(shape) for shape in shapes)
-        flat = machine.random(total, c.dtype, seed=1), machine.random(total, c.dtype, seed=2)
+        flat = [machine.random(sum(map(math.prod, shapes)), c.dtype, seed=seed) for seed in (1, 2)]
         return {**variants, "flat": self.updates(ADAM(), *flat)}
-
-    def host_time(self, params: list[Any], grads: list[Any]) -> dict[str, Any]:
-        """On the GPU: the host time of one update call (its launches queued, not waited for)."""
-        if not self.machine.gpu:
-            return {}
-        from .host import time_calls
-
-        return time_calls(ADAM(), params, grads, HOST_CALLS, lambda: None)
 
 
 def benchmark(args: argparse.Namespace, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark with the command's arguments and return the report (what ``--json``
     writes); ``say`` shows progress."""
-    started = time.perf_counter()
-    config = config_from_args(args)
-    say = say or (lambda message: None)
-    run = _Run(config, say)
+    started, config = time.perf_counter(), config_from_args(args)
+    run = Run(config, say or (lambda message: None))
     machine = run.machine
-    say("measuring copy bandwidth")
-    copy = machine.copy_bandwidth(config.repeats)
-    machine.release()
-    builds = machine.build_times()
-    results = run.sizes()
-    model = run.model() if config.model else None
+    run.say("measuring copy bandwidth")
+    copy, builds = machine.copy_bandwidth(config.repeats), machine.build_times()
+    results, model = run.sizes(), run.model() if config.model else None
     for entry in results:
         entry["pct_copy"] = 100.0 * entry["gbps"] / copy["gbps"]
         entry["time_at_copy_bw_s"] = entry["bytes"] / (copy["gbps"] * 1e9)
-    report = run_record("rules", {"name": machine.name(), "backend": config.backend, **machine.info()}, {
+    report = run_record("rules", {"backend": config.backend, **machine.describe()}, {
         "rules": [name for name, _ in config.rules], "sizes_log2": config.sizes, "dtype": config.dtype.name,
         "repeats": config.repeats, "warmup": config.warmup, "model": config.model, "baselines": config.baselines,
         "torch": config.torch, "timer": "CUDA events" if machine.gpu else "time.perf_counter"})
