@@ -44,23 +44,21 @@ def parse_rules(text: str) -> list[tuple[str, Callable[[], Rule]]]:
             try:
                 parse_optimiser(item)
             except (ValueError, TypeError) as exc:
-                raise argparse.ArgumentTypeError(
-                    f"{exc} (--rules takes 'all' or a comma list of {', '.join(RULES)} "
-                    "or optimiser expressions)") from None
+                raise argparse.ArgumentTypeError(f"{exc} (--rules takes 'all' or a comma list of "
+                                                 f"{', '.join(RULES)} or optimiser expressions)") from None
         chosen.setdefault(name or item, RULES[name] if name else lambda item=item: parse_optimiser(item))
     return list(chosen.items())
 
 
 def parse_sizes(text: str) -> list[int]:
-    """``--sizes``: log2 of the element counts, ``16-28`` (a range) or ``10,12,20`` (a list),
-    or a mix (``10,16-20``)."""
+    """``--sizes``: log2 element counts, a range (``16-28``), a list (``10,12``) or both."""
     sizes: set[int] = set()
-    for item in filter(None, (item.strip() for item in text.split(","))):
-        match = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", item)
-        if not match or (match[1] and int(match[1]) > int(match[2])):
-            raise argparse.ArgumentTypeError(
-                f"bad size {item!r}: give log2 element counts as a range (16-28) or a comma list (10,12)")
-        sizes.update(range(int(match[1]), int(match[2]) + 1) if match[1] else [int(match[3])])
+    for item in filter(None, map(str.strip, text.split(","))):
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
+        if not match or int(match[1]) > int(match[2] or match[1]):
+            raise argparse.ArgumentTypeError(f"bad size {item!r}: give log2 element counts as a range (16-28) or "
+                                             "a comma list (10,12)")
+        sizes.update(range(int(match[1]), int(match[2] or match[1]) + 1))
     if not sizes or max(sizes) > 34:
         raise argparse.ArgumentTypeError("--sizes are log2 element counts between 0 and 34")
     return sorted(sizes)

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
-import math
 import os
+import platform
 import re
 from typing import Any
 
+import numpy as np
+
+from .. import __version__
+from ..dispatch import cupy_module
 from .options import matplotlib_pyplot, output_path
+
+
+def run_record(kind: str, device: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The fields every report starts with: what ran where, when, with which versions."""
+    versions = {"gpuopt": __version__, "numpy": np.__version__, "python": platform.python_version(),
+                "cupy": getattr(cupy_module(), "__version__", None), "torch": None}
+    try:
+        versions["torch"] = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return {"schema": 1, "kind": kind, "device": device, "versions": versions, "config": config,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
 
 #: column and line labels of the baselines and model variants
 LABELS = {"unfused": "unfused", "torch": "torch", "torch_fused": "torch fused", "torch_foreach": "torch foreach",
@@ -16,11 +35,8 @@ LABELS = {"unfused": "unfused", "torch": "torch", "torch_fused": "torch fused", 
           "flat": "gpuopt, one flat tensor", "gpuopt_torch": "gpuopt.torch.Optimizer"}
 
 
-def format_time(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.3f} ms" if seconds < 1 else \
-        f"{seconds:.3f} s"
+def format_time(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.3f} ms"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -94,7 +110,7 @@ def write_json(report: dict[str, Any], path: str) -> str:
     file named by device, backend, dtype and date. Returns the path written."""
     path = _output(report, path, ".json")
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(_finite(report), f, indent=2, allow_nan=False)
+        json.dump(report, f, indent=2, allow_nan=False)  # (valid JSON: no NaN)
         f.write("\n")
     return path
 
@@ -109,16 +125,6 @@ def _output(report: dict[str, Any], path: str, suffix: str) -> str:
     device = re.sub(r"[^a-z0-9]+", "-", report["device"]["name"].lower()).strip("-") or "device"
     return os.path.join(target, f"{device}-{report['device']['backend']}-{report['config']['dtype']}-"
                                 f"{report['date'][:10]}{suffix}")
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as null (and NumPy scalars as numbers)."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    value = value.item() if hasattr(value, "item") and not isinstance(value, (int, str)) else value
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def plot_report(report: dict[str, Any], path: str) -> str:

@@ -3,43 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import math
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from .. import __version__
 from ..api import update
-from ..dispatch import cupy_module
 from ..plain import Unfused
 from ..rule import Rule
 from ..rules import ADAM
 from .devices import TORCH_ADAM, Machine, measure_steps, torch_view
 from .host import time_calls
 from .options import config_from_args
+from .report import run_record
 from .targets import evaluate_targets
 from .workload import bytes_per_element, gpt2_shapes
 
 #: a repeat runs this many seconds' worth of steps at least (so tiny sizes are not all noise)
 REPEAT_TARGET_S = {"cupy": 2e-3, "numpy": 5e-3}
 HOST_CALLS = 50  # update calls timed on the host for the model
-
-
-def run_record(kind: str, device: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """The fields every report starts with: what ran where, when, with which versions."""
-    versions = {"gpuopt": __version__, "numpy": np.__version__, "python": platform.python_version(),
-                "cupy": getattr(cupy_module(), "__version__", None), "torch": None}
-    try:
-        versions["torch"] = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    return {"schema": 1, "kind": kind, "device": device, "versions": versions, "config": config,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 class Run:
@@ -50,7 +32,7 @@ class Run:
         self.machine = Machine(config.backend)
         self.torch = self.machine.torch() if config.torch else None
         self.notes: list[str] = []
-        self.skipped: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, Any]] = []  # sizes that did not fit in memory
 
     def measure(self, steps: Callable[[int], None], elapsed: Callable | None = None) -> dict[str, Any]:
         c = self.config
@@ -107,51 +89,37 @@ class Run:
                     params, grads, lambda tensors: adam(tensors, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kwargs)))
         return out
 
-    def skip(self, what: dict[str, Any], exc: MemoryError) -> None:
-        self.skipped.append({**what, "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]})
-
     def sizes(self) -> list[dict[str, Any]]:
-        c, machine, results = self.config, self.machine, []
+        c, results = self.config, []
         for k in c.sizes:
-            n = 1 << k
-            machine.release(collect=True)  # a full collection (slow with torch loaded) per size
+            self.machine.release(collect=True)  # a full collection (slow with torch loaded) per size
             try:
-                x, g = machine.random(n, c.dtype, seed=k), machine.random(n, c.dtype, seed=1000 + k)
-            except MemoryError as exc:
-                self.skip({"log2": k}, exc)
-                continue
-            for i, (name, factory) in enumerate(c.rules, 1):
-                self.say(f"[{i}/{len(c.rules)}] 2^{k} {name}")
-                try:
-                    timing, bpe = self.updates(factory(), x, g), bytes_per_element(factory(), c.dtype)
-                except MemoryError as exc:
-                    self.skip({"log2": k, "rule": name}, exc)
-                    continue
-                baselines = self.baselines(factory, [x], [g], f"{name} at 2^{k}")
-                for base in baselines.values():
-                    if "time_s" in base:  # gpuopt's time as a multiple of the baseline's
-                        base["time_ratio"] = timing["time_s"] / base["time_s"]
-                results.append({"rule": name, "log2": k, "elements": n, "dtype": c.dtype.name,
-                                "bytes_per_element": bpe, "bytes": bpe * n, **timing,
-                                "gbps": bpe * n / timing["time_s"] / 1e9, "baselines": baselines})
+                x, g = (self.machine.random(1 << k, c.dtype, seed=seed) for seed in (k, 1000 + k))
+                for i, (name, factory) in enumerate(c.rules, 1):
+                    self.say(f"[{i}/{len(c.rules)}] 2^{k} {name}")
+                    results.append(self.row(name, factory, k, x, g))
+            except MemoryError as exc:  # (the rest of) this size does not fit
+                self.skipped.append({"log2": k, "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]})
             x = g = None
         return results
+
+    def row(self, name: str, factory: Callable[[], Rule], k: int, x: Any, g: Any) -> dict[str, Any]:
+        """One rule at one size: gpuopt's time, GB/s, and the baselines' times in proportion."""
+        timing, bpe = self.updates(factory(), x, g), bytes_per_element(factory(), self.config.dtype)
+        baselines = self.baselines(factory, [x], [g], f"{name} at 2^{k}")
+        for base in baselines.values():
+            if "time_s" in base:  # gpuopt's time as a multiple of the baseline's
+                base["time_ratio"] = timing["time_s"] / base["time_s"]
+        return {"rule": name, "log2": k, "elements": 1 << k, "dtype": self.config.dtype.name, "bytes_per_element": bpe,
+                "bytes": bpe << k, **timing, "gbps": (bpe << k) / timing["time_s"] / 1e9, "baselines": baselines}
 
     def model(self) -> dict[str, Any]:
         """ADAM on GPT-2 small's tensors: one update call against a per-tensor loop, one flat
         tensor of the same size, the plain formula and PyTorch."""
         c = self.config
         shapes = gpt2_shapes(c.model_layers, c.model_width)
-        total = sum(math.prod(shape) for _, shape in shapes)
-        bpe = bytes_per_element(ADAM(), c.dtype)
-        info = {"rule": "ADAM", "dtype": c.dtype.name, "tensors": len(shapes), "parameters": total,
-                "layers": c.model_layers, "width": c.model_width, "bytes_per_element": bpe,
-                "shapes": {name: list(shape) for name, shape in shapes}}
-        try:
-            variants = self.model_variants([shape for _, shape in shapes])
-        except MemoryError as exc:
-            self.skip({"model": len(shapes)}, exc)
-            return {**info, "skipped": self.skipped[-1]["reason"]}
+        total, bpe = sum(math.prod(shape) for _, shape in shapes), bytes_per_element(ADAM(), c.dtype)
+        variants = self.model_variants([shape for _, shape in shapes])
         for name, v in variants.items():
             if "time_s" in v:
                 v["gbps"] = bpe * total / v["time_s"] / 1e9
@@ -160,7 +128,9 @@ class Run:
         ours, fused = variants.get("gpuopt_torch", {}), variants.get("torch_fused", {})
         if "time_s" in ours and "time_s" in fused:  # the drop-in replacement against torch's best
             ours["time_ratio_to_torch_fused"] = ours["time_s"] / fused["time_s"]
-        return {**info, "variants": variants}
+        return {"rule": "ADAM", "dtype": c.dtype.name, "tensors": len(shapes), "parameters": total,
+                "layers": c.model_layers, "width": c.model_width, "bytes_per_element": bpe,
+                "shapes": {name: list(shape) for name, shape in shapes}, "variants": variants}
 
     def model_variants(self, shapes: list[tuple[int, ...]]) -> dict[str, dict[str, Any]]:
         c, machine = self.config, self.machine

@@ -13,37 +13,23 @@ from ..plan import plan
 from ..rule import Rule
 from ..rules import ADAM, OPTIMISERS, ClipValue, WeightDecay
 
-#: the fused chain the benchmark times beside the rules: clipping and weight decay in front of ADAM, one kernel
+#: the fused chain timed beside the optimisers: clipping and weight decay in front of ADAM, one kernel
 CHAIN = "ClipValue+WeightDecay+ADAM"
-
 #: every benchmarked rule by name, with a factory for a fresh instance (default hyperparameters)
 RULES: dict[str, Callable[[], Rule]] = {
-    **{cls.__name__: cls for cls in OPTIMISERS},
-    CHAIN: lambda: Optimiser(ClipValue(1), WeightDecay(1e-4), ADAM()),
-}
+    **{cls.__name__: cls for cls in OPTIMISERS}, CHAIN: lambda: Optimiser(ClipValue(1), WeightDecay(1e-4), ADAM())}
 ALIASES = {"clip+wd+adam": CHAIN, "chain": CHAIN}
 
 
-def state_slots(rule: Rule) -> int:
-    """Number of per-element state arrays the rule (or chain) keeps per parameter."""
-    return sum(len(leaf.state) for leaf in rule.leaves())
-
-
 def bytes_per_element(rule: Rule, dtype: Any = "float32") -> int:
-    """Bytes one step must move per parameter element.
-
-    The element-wise pass reads ``x`` and ``g`` and writes ``x`` (parameter itemsize each) and
-    reads and writes every state slot (state itemsize: 4 for float16 parameters, whose state
-    is float32). A chain with reductions (``ClipNorm``) also reads, per reduction pass, what
-    that pass needs. (tests/test_bench_command.py checks this against a count by hand.)
-    """
-    dtype = np.dtype(dtype)
-    p, s = dtype.itemsize, compute_dtype(dtype).itemsize
-    total = 3 * p + 2 * s * state_slots(rule)
+    """Bytes one step must move per parameter element: ``x`` and ``g`` read and ``x`` written
+    (parameter itemsize), every state slot read and written (state itemsize: float32 for float16
+    parameters), and per reduction pass of a chain (``ClipNorm``) what that pass reads."""
+    p, s = np.dtype(dtype).itemsize, compute_dtype(np.dtype(dtype)).itemsize
+    total = 3 * p + 2 * s * sum(len(leaf.state) for leaf in rule.leaves())
     program = plan(rule)
     for level in range(1, program.levels + 1):
-        roots = [t.args[0] for t in program.totals_at(level)]
-        for node in program.needed(roots):
+        for node in program.needed([t.args[0] for t in program.totals_at(level)]):
             total += {"x": p, "g": p, "load": s}.get(node.op, 0)
     return total
 
