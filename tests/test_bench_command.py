@@ -300,9 +300,9 @@ def test_gpu_targets_on_a_synthetic_report():
 
 def _synthetic_report(backend: str) -> dict:
     return {
-        "device": {"backend": backend, "name": "test device"},
-        "config": {"dtype": "float32", "timer": "test", "repeats": 1},
-        "copy_bandwidth": {"gbps": 3000.0, "method": "test"},
+        "kind": "rules", "device": {"backend": backend, "name": "test device"},
+        "config": {"dtype": "float32", "timer": "test", "repeats": 1}, "native_build": None,
+        "copy_bandwidth": {"gbps": 3000.0, "method": "test", "gbps_by_method": {"test": 3000.0}},
         "results": [], "skipped": [], "model": None, "notes": [],
     }
 

@@ -39,70 +39,65 @@ def format_time(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.3f} ms"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Aligned columns: the first to the left, the others to the right."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    return [line(header), "-" * len(line(header)), *map(line, rows)]
+
+
+def _ratio(entry: dict[str, Any], key: str) -> str:
+    """``entry[key]`` as a multiple (``0.23x``), "error" for a baseline that failed, else "-"."""
+    return f"{entry[key]:.2f}x" if key in entry else "error" if "error" in entry else "-"
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """The human-readable summary of a report: its table, the model, the targets and notes."""
-    lines = (_host_lines if report.get("kind") == "host" else _rule_lines)(report)
+    """The human-readable summary of a report: its tables, the targets and the notes."""
+    c, dev = report["config"], report["device"]
+    if report["kind"] == "host":
+        lines = [f"gpuopt host time per update call on {dev['name']}: {c['device']}, {c['tensors']} tensors "
+                 f"({c['parameters'] / 1e6:.1f}M parameters), median of {c['calls']} calls", "", *_table(
+                     ["case", "median", "fastest", "prepared/full"],
+                     [[name, f"{case['host_time_us']:.1f} us", f"{case['host_time_min_us']:.1f} us",
+                       f"{case['prepared_calls']}/{case['full_calls']}"] for name, case in report["cases"].items()])]
+    else:
+        lines = _rule_lines(report)
     lines += ["", "targets:"]
     for t in report["targets"]:
         value = "" if t["value"] is None else f" = {t['value']:.3g} (limit {t['limit']:g})"
         lines.append(f"  [{t['status']}] {t['id']}: {t['description']}{value}{': ' * bool(t['detail'])}{t['detail']}")
-    return "\n".join(lines + [f"note: {note}" for note in report.get("notes", [])])
-
-
-def _host_lines(report: dict[str, Any]) -> list[str]:
-    c = report["config"]
-    lines = [f"gpuopt host time per update call on {report['device']['name']} ({report['date']})",
-             f"{c['device']}, {c['tensors']} tensors ({c['parameters'] / 1e6:.1f}M parameters), median of "
-             f"{c['calls']} calls", "", f"{'case':<40} {'median':>10} {'min':>10} {'prepared/full':>14}"]
-    return lines + [f"{name:<40} {case['host_time_us']:>8.1f}us {case['host_time_min_us']:>8.1f}us "
-                    f"{case['prepared_calls']:>7}/{case['full_calls']:<6}" for name, case in report["cases"].items()]
+    return "\n".join(lines + [f"note: {note}" for note in report["notes"]])
 
 
 def _rule_lines(report: dict[str, Any]) -> list[str]:
-    dev, copy, config = report["device"], report["copy_bandwidth"], report["config"]
-    rates = ", ".join(f"{method} {gbps:.1f}" for method, gbps in copy.get("gbps_by_method", {}).items())
-    lines = [f"gpuopt bench: {dev['backend']} on {dev['name']}, {config['dtype']}, {config['timer']}, "
-             f"median of {config['repeats']} repeats",
-             f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['method']}{'; ' * bool(rates)}{rates})"]
-    if "cpu_backend" in dev:
-        lines.append(f"NumPy arrays on: {dev['cpu_backend']}")
-    if report.get("native_build"):
-        b = report["native_build"]
-        lines.append(f"native module: first build {b['first_build_s']:.2f} s, cached start "
-                     f"{b['cached_start_s'] * 1e3:.1f} ms")
+    c, dev, copy, builds = report["config"], report["device"], report["copy_bandwidth"], report["native_build"]
+    rates = ", ".join(f"{method} {gbps:.1f}" for method, gbps in copy["gbps_by_method"].items())
+    lines = [f"gpuopt bench: {dev['backend']} on {dev['name']}, {c['dtype']}, {c['timer']}, median of {c['repeats']} "
+             f"repeats", f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['method']}; {rates})"]
+    if builds:
+        lines.append(f"NumPy arrays on {dev['cpu_backend']}: a module builds in {builds['first_build_s']:.2f} s, "
+                     f"loads from the cache in {builds['cached_start_s'] * 1e3:.1f} ms")
     results = report["results"]
     keys = list(dict.fromkeys(key for e in results for key in e["baselines"]))
-    width = max([len(e["rule"]) for e in results] + [4])
-    header = (f"{'rule':<{width}}  {'size':>5}  {'B/elem':>6}  {'time/step':>11}  {'GB/s':>8}  {'% copy':>6}"
-              + "".join(f"  {'x ' + LABELS.get(k, k):>16}" for k in keys))
-    lines += ["", header, "-" * len(header)]
-    for e in results:
-        ratios = [_ratio(e["baselines"].get(k, {})) for k in keys]
-        lines.append(f"{e['rule']:<{width}}  {'2^' + str(e['log2']):>5}  {e['bytes_per_element']:>6}  "
-                     f"{format_time(e['time_s']):>11}  {e['gbps']:>8.1f}  {e['pct_copy']:>5.1f}%"
-                     + "".join(f"  {ratio:>16}" for ratio in ratios))
-    lines.append("x unfused, x torch ...: gpuopt's time per step as a multiple of that baseline's "
-                 "(below 1x: gpuopt is faster)" if results else "(no results)")
-    lines += [f"skipped {skip}" for skip in report["skipped"]]
-    model = report.get("model")
+    lines += ["", *_table(["rule", "size", "B/elem", "time/step", "GB/s", "% copy", *(f"x {LABELS[k]}" for k in keys)],
+                          [[e["rule"], f"2^{e['log2']}", str(e["bytes_per_element"]), format_time(e["time_s"]),
+                            f"{e['gbps']:.1f}", f"{e['pct_copy']:.1f}%",
+                            *(_ratio(e["baselines"].get(k, {}), "time_ratio") for k in keys)] for e in results]),
+              "x unfused, x torch ...: gpuopt's time per step as a multiple of that baseline's (below 1x: faster)"]
+    lines += [f"skipped 2^{skip['log2']}: {skip['reason']}" for skip in report["skipped"]]
+    model = report["model"]
     if model:
         lines += ["", f"model: GPT-2 small shapes ({model['tensors']} tensors, {model['parameters'] / 1e6:.1f}M "
-                      f"parameters, {model['layers']} blocks, width {model['width']}), ADAM {model['dtype']}"]
-        for name, v in (model.get("variants") or {}).items():
-            label = f"  {LABELS.get(name, name):<28} "
-            if "time_s" not in v:
-                lines.append(f"{label}error: {v.get('error', '?')}")
-                continue
-            lines.append(label + f"{format_time(v['time_s']):>11}  {v['gbps']:>8.1f} GB/s" + "".join(
-                text.format(v[key]) for key, text in (
-                    ("time_ratio_to_multi_tensor", "  {:.2f}x the time of one update call"),
-                    ("time_ratio_to_torch_fused", ", {:.2f}x the time of torch Adam(fused=True)"),
-                    ("host_time_us", "  (host time per call {:.1f} us)")) if key in v))
+                      f"parameters, {model['layers']} blocks, width {model['width']}), ADAM {model['dtype']}",
+                  *_table(["", "time/step", "GB/s", "x one update call", "x torch fused", "host time/call"],
+                          [[LABELS[name], format_time(v["time_s"]) if "time_s" in v else "error",
+                            f"{v.get('gbps', 0):.1f}", _ratio(v, "time_ratio_to_multi_tensor"),
+                            _ratio(v, "time_ratio_to_torch_fused"),
+                            f"{v['host_time_us']:.1f} us" if "host_time_us" in v else "-"]
+                           for name, v in model["variants"].items()])]
     return lines
-
-
-def _ratio(baseline: dict[str, Any]) -> str:
-    return f"{baseline['time_ratio']:.2f}x" if "time_ratio" in baseline else "error" * ("error" in baseline)
 
 
 def write_json(report: dict[str, Any], path: str) -> str:
