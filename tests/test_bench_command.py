@@ -15,8 +15,8 @@ import pytest
 
 import gpuopt
 from gpuopt import bench
+from gpuopt.bench import parse_rules, parse_sizes
 from gpuopt.bench.devices import COPY_BYTES
-from gpuopt.bench.options import parse_rules, parse_sizes
 from gpuopt.bench.report import format_report, plot_report, write_json
 from gpuopt.bench.targets import evaluate_targets
 from gpuopt.bench.workload import CHAIN, RULES, bytes_per_element, gpt2_shapes
@@ -223,7 +223,7 @@ def test_model_compares_gpuopt_torch_optimizer_with_torch_fused_adam(capsys):
     argv = [a for a in TINY if a != "--no-torch"]
     argv[argv.index("--rules") + 1] = "Descent"
     argv[argv.index("--sizes") + 1] = "10"
-    report = bench.benchmark(_args([*argv, "--no-baselines"]))
+    report = bench.benchmark(bench.config_from_args(_args([*argv, "--no-baselines"])))
     variants = report["model"]["variants"]
     for name in ("torch_fused", "gpuopt_torch"):
         assert variants[name]["time_s"] > 0, variants[name]

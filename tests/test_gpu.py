@@ -455,7 +455,7 @@ def test_state_and_launches_on_the_parameters_device():
 
 
 def test_host_benchmark_with_real_launches():
-    from gpuopt.bench.host import host_benchmark
+    from gpuopt.bench import host_benchmark
 
     report = host_benchmark(calls=5, layers=1, width=64, many=20, launches=True)
     assert report["device"]["backend"] == "host-cupy"

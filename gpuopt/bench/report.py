@@ -14,7 +14,18 @@ import numpy as np
 
 from .. import __version__
 from ..dispatch import cupy_module
-from .options import matplotlib_pyplot, output_path
+
+
+class BenchError(Exception):
+    """A setting the benchmark cannot run with (no GPU for --backend cupy, no matplotlib...)."""
+
+
+def output_path(path: str, suffix: str) -> tuple[str, bool]:
+    """(where to write, whether it is a directory to put a generated file name in): a path that
+    is a directory or ends in a separator is one; a file name without ``suffix`` gets it."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        return path, True
+    return (path if path.lower().endswith(suffix) else path + suffix), False
 
 
 def run_record(kind: str, device: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -144,3 +155,14 @@ def plot_report(report: dict[str, Any], path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def matplotlib_pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise BenchError("--plot needs matplotlib: pip install matplotlib (or gpuopt[plot])") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
