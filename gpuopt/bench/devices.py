@@ -91,7 +91,8 @@ class Machine:
 
     def random(self, shape: Any, dtype: np.dtype, seed: int) -> Any:
         generator = self.xp.random.RandomState(seed) if self.gpu else np.random.default_rng(seed)
-        return generator.standard_normal(shape, dtype=np.float32 if dtype == np.float16 else dtype).astype(dtype)
+        drawn = generator.standard_normal(shape, dtype=np.float32 if dtype == np.float16 else dtype)
+        return drawn.astype(dtype, copy=False)
 
     def release(self, collect: bool = False) -> None:
         """Give freed memory back (CuPy's and PyTorch's pools); ``collect``: collect garbage first."""
