@@ -50,6 +50,11 @@ class Program:
         """e.g. "ClipValue > WeightDecay > ADAM", for messages and comments in kernels."""
         return " > ".join(self.rule_names) or "identity"
 
+    @functools.cached_property
+    def scalar_sources(self) -> tuple[tuple[int, str], ...]:
+        """(rule, name) of each host scalar, in kernel order."""
+        return tuple((ref.rule, ref.name) for ref in self.scalars)
+
     @property
     def scalar_count(self) -> int:
         """How many scalars the kernels take: the rules' host scalars, then hoisted values."""

@@ -40,12 +40,15 @@ PATHS: Counter[str] = Counter()
 
 
 def step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[int, ...]) -> list[float]:
-    """Run each rule's schedule for its next step, then collect the kernel's scalars."""
-    values = []
+    """Run each rule's schedule for its next step, then collect the kernel's scalars: each
+    is a value of its rule's :meth:`~gpuopt.rule.Rule.extra_scalars` or else a hyperparameter
+    (what :meth:`~gpuopt.rule.Rule.scalars` gives, without building every rule's whole dict)."""
+    extras = []
     for leaf, t in zip(leaves, step_counts):
         leaf.schedule(t)
-        values.append(leaf.scalars(t))
-    return program.kernel_scalars([values[ref.rule][ref.name] for ref in program.scalars])
+        extras.append(leaf.extra_scalars(t))
+    return program.kernel_scalars([extras[rule][name] if name in extras[rule] else float(getattr(leaves[rule], name))
+                                   for rule, name in program.scalar_sources])
 
 
 #: fast address readers for array types other than CuPy's and PyTorch's (the host-time
@@ -139,28 +142,33 @@ class PreparedUpdate:
         step), only stop the ids from proving identity."""
         self.grads_alive = True
         self._grad_refs = list(map(weakref.ref, grads, repeat(self._gradient_died)))
-        self.grad_ids = tuple(map(id, grads))
+        self.grad_ids: tuple[int, ...] | None = tuple(map(id, grads))
+        self.first_grad_id = id(grads[0])
 
     def _gradient_died(self, _: object) -> None:
         self.grads_alive = False
 
-    def _take_gradients(self, grads: Sequence[Any], ids: tuple[int, ...]) -> bool:
+    def _take_gradients(self, grads: Sequence[Any], ids: tuple[int, ...] | None) -> bool:
         """Swap in new gradient arrays if each is like the one it replaces; False, changing
-        nothing, if any is not (None, another dtype, shape, layout or device)."""
+        nothing, if any is not (None, another dtype, shape, layout or device). ``ids`` are the
+        gradients' ids where the caller read them."""
         if list(map(type, grads)) != self.grad_types or not self.grad_kind.same_layouts(grads, self.grad_layouts):
             return False
         pointers = self.grad_kind.pointers(grads)
         if self.param_memory.meets(pointers):
             return False  # (the full path names the arrays that share memory, and refuses them)
         self.launch.set_gradient_pointers(pointers)
-        if ids == self.grad_ids:
+        if ids is None and id(grads[0]) == self.first_grad_id:
+            ids = tuple(map(id, grads))  # perhaps the last call's arrays again: worth a full look
+        if ids is not None and ids == self.grad_ids:
             # Checked twice under the same ids: likely persistent (PyTorch's .grad), so watch
             # them (weak references cost as much as checking them once).
             self._use_gradients(grads)
-        else:  # new arrays every step: watching them would cost more than it saves
+        else:  # new arrays every step: watching them, or even reading all their ids, costs more than it saves
             self._grad_refs = []
             self.grads_alive = False
             self.grad_ids = ids
+            self.first_grad_id = id(grads[0])
         return True
 
     def try_step(self, opt: Rule, params: list, grads: Sequence[Any]) -> bool:
@@ -172,8 +180,8 @@ class PreparedUpdate:
                 or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)
                 or (self.writeable_flags and not all(map(_writeable, params)))):
             return False  # (a NumPy parameter made read-only since: the full path refuses it)
-        ids = tuple(map(id, grads))
-        if not (self.grads_alive and ids == self.grad_ids) and not self._take_gradients(grads, ids):
+        ids = tuple(map(id, grads)) if self.grads_alive else None  # (watched: likely the same arrays)
+        if not (ids is not None and ids == self.grad_ids) and not self._take_gradients(grads, ids):
             return False
         self.launch.check_launchable()  # (before the schedules run: a refused call changes nothing)
         counters = self.counters

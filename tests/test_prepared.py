@@ -144,6 +144,28 @@ def test_gradient_ids_prove_nothing_once_the_gradients_died(noop):
         gpuopt.update(opt, params, [np.ones(10, np.float32), np.ones((4, 5), np.float32)])
 
 
+def test_gradients_that_stop_changing_are_watched_again(noop):
+    """New arrays every step are checked every step without reading all their ids; once the
+    same arrays come back for a few steps they are watched again (no checks), and new ones
+    after that are checked again and read into the table."""
+    params = [np.zeros(n, np.float32) for n in (10, 20)]
+    opt = gpuopt.Descent(1.0)
+    steps = [_numpy_grads((10, 20)) for _ in range(3)]  # all alive: no id is reused
+    for grads in steps:
+        gpuopt.update(opt, params, grads)
+    prepared = vars(opt)["_prepared"]
+    assert not prepared.grads_alive and prepared.grad_ids is None  # new every step: ids not read
+    fixed = [np.full(10, 1.0, np.float32), np.full(20, 2.0, np.float32)]
+    for _ in range(3):
+        assert _paths(lambda: gpuopt.update(opt, params, fixed)) == {"full": 0, "prepared": 1}
+    assert prepared.grads_alive and prepared.grad_ids == (id(fixed[0]), id(fixed[1]))
+    grads = [fixed[0], np.full(20, 4.0, np.float32)]  # one new array among them
+    gpuopt.update(opt, params, grads)
+    assert not prepared.grads_alive
+    launcher = prepared.launch.parts[0].launchers[0][0]
+    np.testing.assert_array_equal(launcher.host[:, 1], [g.ctypes.data for g in grads])
+
+
 def test_bench_host_writes_json_with_host_targets(tmp_path, capsys):
     path = tmp_path / "host.json"
     status = main(["bench", "--host", "--host-calls", "5", "--host-many", "40", "--model-layers", "1",
