@@ -31,6 +31,7 @@ import numpy as np
 
 from .backends import get_backend
 from .backends.protocol import Job, PreparedLaunch
+from .identities import Identities
 from .memory import Disjoint
 from .plan import Program, plan
 from .rule import Rule, StepCount
@@ -118,7 +119,7 @@ class PreparedUpdate:
 
         self._forget = forget
         self._params_alive = [weakref.ref(p, forget) for p in params]
-        self.param_ids = tuple(map(id, params))
+        self.param_ids = Identities(params)
         # A torch parameter keeps its identity when its storage is replaced (p.data = ...).
         self.param_pointers = param_kind.pointers(params) if param_kind.torch else None
         # Host memory that native code writes through raw pointers, ignoring the flag (not a
@@ -127,6 +128,7 @@ class PreparedUpdate:
         self.grad_types = list(map(type, grads))
         self.grad_layouts = grad_kind.layouts(grads)
         self.param_memory = Disjoint([job.x for job in jobs], [job.g for job in jobs])  # new gradients: apart
+        self.grad_ids = Identities(grads)
         self._use_gradients(grads)
         # One step count per rule for every array of the update: they step together.
         self.counters = []
@@ -142,46 +144,44 @@ class PreparedUpdate:
         step), only stop the ids from proving identity."""
         self.grads_alive = True
         self._grad_refs = list(map(weakref.ref, grads, repeat(self._gradient_died)))
-        self.grad_ids: tuple[int, ...] | None = tuple(map(id, grads))
+        self.grad_ids.remember(grads)
         self.first_grad_id = id(grads[0])
 
     def _gradient_died(self, _: object) -> None:
         self.grads_alive = False
 
-    def _take_gradients(self, grads: Sequence[Any], ids: tuple[int, ...] | None) -> bool:
+    def _take_gradients(self, grads: Sequence[Any]) -> bool:
         """Swap in new gradient arrays if each is like the one it replaces; False, changing
-        nothing, if any is not (None, another dtype, shape, layout or device). ``ids`` are the
-        gradients' ids where the caller read them."""
+        nothing, if any is not (None, another dtype, shape, layout or device)."""
         if list(map(type, grads)) != self.grad_types or not self.grad_kind.same_layouts(grads, self.grad_layouts):
             return False
         pointers = self.grad_kind.pointers(grads)
         if self.param_memory.meets(pointers):
             return False  # (the full path names the arrays that share memory, and refuses them)
         self.launch.set_gradient_pointers(pointers)
-        if ids is None and id(grads[0]) == self.first_grad_id:
-            ids = tuple(map(id, grads))  # perhaps the last call's arrays again: worth a full look
-        if ids is not None and ids == self.grad_ids:
+        self._grad_refs = []
+        self.grads_alive = False
+        if id(grads[0]) != self.first_grad_id:  # (a cheap hint: new arrays, as most loops make every step)
+            self.first_grad_id = id(grads[0])
+            self.grad_ids.forget()
+        elif self.grad_ids.match(grads):
             # Checked twice under the same ids: likely persistent (PyTorch's .grad), so watch
             # them (weak references cost as much as checking them once).
             self._use_gradients(grads)
-        else:  # new arrays every step: watching them, or even reading all their ids, costs more than it saves
-            self._grad_refs = []
-            self.grads_alive = False
-            self.grad_ids = ids
-            self.first_grad_id = id(grads[0])
+        else:
+            self.grad_ids.remember(grads)
         return True
 
     def try_step(self, opt: Rule, params: list, grads: Sequence[Any]) -> bool:
         """Run the step if this call repeats the prepared one; False, changing nothing, if not."""
-        if (tuple(map(id, params)) != self.param_ids  # (None has its own id: never a match)
+        if (not self.param_ids.match(params)  # (None has its own id: never a match)
                 or opt.leaves() != self.leaves
                 or plan(opt) is not self.program
                 or tuple(leaf.state_version for leaf in self.leaves) != self.versions
                 or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)
                 or (self.writeable_flags and not all(map(_writeable, params)))):
             return False  # (a NumPy parameter made read-only since: the full path refuses it)
-        ids = tuple(map(id, grads)) if self.grads_alive else None  # (watched: likely the same arrays)
-        if not (ids is not None and ids == self.grad_ids) and not self._take_gradients(grads, ids):
+        if not (self.grads_alive and self.grad_ids.match(grads)) and not self._take_gradients(grads):
             return False
         self.launch.check_launchable()  # (before the schedules run: a refused call changes nothing)
         counters = self.counters
