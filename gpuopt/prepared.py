@@ -33,14 +33,14 @@ from .backends import get_backend
 from .backends.protocol import Job, PreparedLaunch
 from .identities import Identities
 from .memory import Disjoint
-from .plan import Program, plan
+from .plan import Program
 from .rule import Rule, StepCount
 
 #: how many update calls took each path ("prepared" or "full"); tests and benchmarks read it
 PATHS: Counter[str] = Counter()
 
 
-def step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[int, ...]) -> list[float]:
+def step_scalars(program: Program, leaves: Sequence[Rule], step_counts: Sequence[int]) -> list[float]:
     """Run each rule's schedule for its next step, then collect the kernel's scalars: each
     is a value of its rule's :meth:`~gpuopt.rule.Rule.extra_scalars` or else a hyperparameter
     (what :meth:`~gpuopt.rule.Rule.scalars` gives, without building every rule's whole dict)."""
@@ -55,6 +55,9 @@ def step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[
 #: fast address readers for array types other than CuPy's and PyTorch's (the host-time
 #: benchmark's stand-in for device memory registers one)
 POINTER_READERS: dict[type, Callable[[Any], int]] = {}
+
+
+_state_version = attrgetter("state_version")
 
 
 def _writeable(array: Any) -> bool:
@@ -107,7 +110,7 @@ class PreparedUpdate:
                  launch: PreparedLaunch, param_kind: _ArrayKind, grad_kind: _ArrayKind):
         self.program = program
         self.leaves = opt.leaves()
-        self.versions = tuple(leaf.state_version for leaf in self.leaves)
+        self.versions = list(map(_state_version, self.leaves))
         self.launch = launch
         self.param_kind, self.grad_kind = param_kind, grad_kind
         owner = weakref.ref(opt)
@@ -172,12 +175,12 @@ class PreparedUpdate:
             self.grad_ids.remember(grads)
         return True
 
-    def try_step(self, opt: Rule, params: list, grads: Sequence[Any]) -> bool:
-        """Run the step if this call repeats the prepared one; False, changing nothing, if not."""
+    def try_step(self, leaves: tuple[Rule, ...], params: list, grads: Sequence[Any]) -> bool:
+        """Run the step if this call repeats the prepared one (``leaves``: the optimiser's
+        rules now); False, changing nothing, if not."""
         if (not self.param_ids.match(params)  # (None has its own id: never a match)
-                or opt.leaves() != self.leaves
-                or plan(opt) is not self.program
-                or tuple(leaf.state_version for leaf in self.leaves) != self.versions
+                or leaves != self.leaves  # (the same rules: the same program, traced from their classes)
+                or list(map(_state_version, leaves)) != self.versions
                 or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)
                 or (self.writeable_flags and not all(map(_writeable, params)))):
             return False  # (a NumPy parameter made read-only since: the full path refuses it)
@@ -185,7 +188,7 @@ class PreparedUpdate:
             return False
         self.launch.check_launchable()  # (before the schedules run: a refused call changes nothing)
         counters = self.counters
-        self.launch(step_scalars(self.program, self.leaves, tuple(c.value + 1 for c in counters)))
+        self.launch(step_scalars(self.program, leaves, [c.value + 1 for c in counters]))
         for counter in counters:
             counter.value += 1
         return True
@@ -197,8 +200,9 @@ def _family(kind: type) -> str:
     return module if module in ("torch", "cupy") else f"{kind.__module__}.{kind.__qualname__}"
 
 
-def try_prepared(opt: Rule, params: Any, grads: Any) -> bool:
-    """Repeat the optimiser's prepared update if this call is the same; True if done."""
+def try_prepared(opt: Rule, leaves: tuple[Rule, ...], params: Any, grads: Any) -> bool:
+    """Repeat the optimiser's prepared update if this call is the same; True if done.
+    ``leaves`` are ``opt.leaves()``, as the caller found them."""
     prepared = opt.__dict__.get("_prepared") if isinstance(opt, Rule) else None
     if prepared is None:
         return False
@@ -208,7 +212,7 @@ def try_prepared(opt: Rule, params: Any, grads: Any) -> bool:
         params, grads = list(params.values()), list(grads.values())
     elif not (isinstance(params, (list, tuple)) and isinstance(grads, (list, tuple))):
         return False
-    if not prepared.try_step(opt, params, grads):
+    if not prepared.try_step(leaves, params, grads):
         return False
     PATHS["prepared"] += 1
     return True

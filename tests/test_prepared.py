@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import gpuopt
+from gpuopt import identities
 from gpuopt.__main__ import main
 from gpuopt.backends import backend_override
 from gpuopt.backends.kernel_backend import KernelBackend
 from gpuopt.bench.host import NoopDevice, host_benchmark
-from gpuopt import identities
 from gpuopt.identities import Identities
 from gpuopt.prepared import PATHS
 
