@@ -84,7 +84,7 @@ class Program:
             names[f"op{k}"] = op
             lines.append(f"    r{len(self.scalars) + k} = op{k}({', '.join(map(operand, args))})")
         lines.append(f"    return [*values, {''.join(f'float({operand(a)}), ' for a in hoisted)}]")
-        exec("\n".join(lines), names)  # noqa: S102 (our own text: operations and positions only)
+        exec("\n".join(lines), names)  # (our own text: operations and positions only)
         return names["kernel_scalars"]
 
     @functools.cached_property
