@@ -37,13 +37,15 @@ class guarded:
         self.saved: list[tuple[Rule, dict]] = []
         self.outer: Any = None
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> tuple[Rule, ...]:
+        """Returns ``opt.leaves()``: the rules whose locks it holds."""
         self.lock.__enter__()
         # Under the lock, no other call is changing these rules. Attributes are copied (a few
         # each); state maps only log what this call adds, which is nothing on a repeated step.
         self.saved = [(r, r.__dict__.copy()) for r in self.lock.rules]
         self.outer = _rule.changes.log
         _rule.changes.log = []
+        return self.lock.leaves
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
         log = _rule.changes.log

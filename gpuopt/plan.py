@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,11 @@ class Program:
         """e.g. "ClipValue > WeightDecay > ADAM", for messages and comments in kernels."""
         return " > ".join(self.rule_names) or "identity"
 
+    @functools.cached_property
+    def scalar_sources(self) -> tuple[tuple[int, str], ...]:
+        """(rule, name) of each host scalar, in kernel order."""
+        return tuple((ref.rule, ref.name) for ref in self.scalars)
+
     @property
     def scalar_count(self) -> int:
         """How many scalars the kernels take: the rules' host scalars, then hoisted values."""
@@ -57,11 +63,29 @@ class Program:
 
     def kernel_scalars(self, values: list[float]) -> list[float]:
         """``values`` (one per entry of ``scalars``) followed by the hoisted values, in float64."""
+        return self._hoisted_function(values)
+
+    @functools.cached_property
+    def _hoisted_function(self) -> Callable[[list[float]], list[float]]:
+        """:meth:`kernel_scalars` as one Python function, printed from the hoisted values'
+        graph once (interpreting the graph on every step cost more than the step's other host
+        work for a chain like ClipNorm > ADAM)."""
         steps, hoisted = self._hoisted_program
-        results = list(values)  # the host scalars, then each step's result
-        for op, args in steps:
-            results.append(op(*[results[a] if isinstance(a, int) else a[0] for a in args]))
-        return [*values, *(float(results[a]) if isinstance(a, int) else float(a[0]) for a in hoisted)]
+        names: dict[str, Any] = {}
+
+        def operand(a: int | tuple) -> str:
+            if isinstance(a, tuple):  # a constant
+                names[f"c{len(names)}"] = a[0]
+                return f"c{len(names) - 1}"
+            return f"values[{a}]" if a < len(self.scalars) else f"r{a}"
+
+        lines = ["def kernel_scalars(values):"]
+        for k, (op, args) in enumerate(steps):
+            names[f"op{k}"] = op
+            lines.append(f"    r{len(self.scalars) + k} = op{k}({', '.join(map(operand, args))})")
+        lines.append(f"    return [*values, {''.join(f'float({operand(a)}), ' for a in hoisted)}]")
+        exec("\n".join(lines), names)  # (our own text: operations and positions only)
+        return names["kernel_scalars"]
 
     @functools.cached_property
     def _hoisted_program(self) -> tuple[list[tuple[Any, tuple]], list[int | tuple]]:
