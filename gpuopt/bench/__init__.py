@@ -149,7 +149,7 @@ def check_output_path(path: str, option: str, suffix: str) -> None:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on ``python -m gpuopt``'s subcommands."""
-    parser = subparsers.add_parser("bench", help=__doc__.splitlines()[0].split(": ", 1)[1],
+    parser = subparsers.add_parser("bench", help=__doc__.splitlines()[0].split(": ", 1)[1].rstrip("."),
                                    description=__doc__.split("\n\n")[1])
     add_arguments(parser)
     parser.set_defaults(func=run)
