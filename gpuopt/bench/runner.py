@@ -90,7 +90,8 @@ class Run:
         finally:  # free its state now rather than at the next garbage collection
             opt.state.clear()
             for group in opt.param_groups:  # gpuopt.torch.Optimizer keeps its state in its rules
-                group.get("rule", ADAM()).reset()
+                if "rule" in group:
+                    group["rule"].reset()
 
     def baselines(self, factory: Callable[[], Rule], params: list[Any], grads: list[Any], where: str
                   ) -> dict[str, dict[str, Any]]:
