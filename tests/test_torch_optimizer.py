@@ -229,7 +229,7 @@ def _complex_parameter(p):
 
 BAD_PAIRS = {  # how a parameter goes bad -> the error that names it
     "sparse gradient": (_sparse_gradient, TypeError, "has a sparse gradient"),
-    "resized after its gradient": (_resized_after_its_gradient, ValueError, r"has shape \(4,\) on cpu but its gradient"),
+    "resized after its gradient": (_resized_after_its_gradient, ValueError, r"has shape \(4,\) on cpu but"),
     "complex": (_complex_parameter, TypeError, "has dtype torch.complex64"),
 }
 
