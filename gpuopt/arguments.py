@@ -1,5 +1,5 @@
-"""What the ``gpuopt`` subcommands' arguments mean: integer types, the choice of backend, and
-optimiser expressions (``ADAM``, ``ADAM(1e-3)``, ``ClipNorm(1)+ADAM(1e-3)``,
+"""What the ``gpuopt`` subcommands' arguments mean: integer types, the choice of backend, the
+benchmark's rules and sizes, and optimiser expressions (``ADAM``, ``ADAM(1e-3)``, ``ClipNorm(1)+ADAM(1e-3)``,
 ``Optimiser(ExpDecay(0.01), Momentum())``).
 
 :func:`parse_optimiser` walks the syntax tree itself and never calls ``eval``: only gpuopt
@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import re
+from collections.abc import Callable
 from typing import Any
 
 from .chain import Optimiser
 from .dispatch import cupy_module, gpu_available
 from .rule import Rule
 
-__all__ = ["parse_optimiser", "rule_names", "positive_int", "at_least_two", "non_negative_int", "choose_backend"]
+__all__ = ["parse_optimiser", "rule_names", "positive_int", "at_least_two", "non_negative_int", "choose_backend",
+           "parse_rules", "parse_sizes"]
 
 
 def _integer(text: str, least: int) -> int:
@@ -58,6 +61,48 @@ def choose_backend(name: str) -> str:
     if name not in ("numpy", "cupy"):
         raise ValueError(f"unknown backend {name!r}; expected auto, numpy or cupy")
     return name
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``bench --sizes``: log2 element counts, a range (``16-28``), a list (``10,12``) or both."""
+    sizes: set[int] = set()
+    for item in filter(None, map(str.strip, text.split(","))):
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
+        if not match or int(match[1]) > int(match[2] or match[1]):
+            raise argparse.ArgumentTypeError(f"bad size {item!r}: give log2 element counts as a range (16-28) or "
+                                             "a comma list (10,12)")
+        sizes.update(range(int(match[1]), int(match[2] or match[1]) + 1))
+    if not sizes or max(sizes) > 34:
+        raise argparse.ArgumentTypeError("--sizes are log2 element counts between 0 and 34")
+    return sorted(sizes)
+
+
+def parse_rules(text: str) -> list[tuple[str, Callable[[], Rule]]]:
+    """``bench --rules``: ``all``, or a comma list of names from the benchmark's rule table
+    (case-insensitive; ``Clip+WD+ADAM`` is its chain) or optimiser expressions such as
+    ``ClipNorm(1)+ADAM(1e-3)`` (read by :func:`parse_optimiser`); each with a factory of fresh rules."""
+    from .bench.workload import ALIASES, RULES  # (gpuopt.bench imports this module)
+
+    text = text.strip()
+    if text.lower() == "all":
+        return list(RULES.items())
+    by_lower = {name.lower(): name for name in RULES} | ALIASES
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise argparse.ArgumentTypeError(f"--rules: cannot read {text[:100]!r}") from None
+    chosen: dict[str, Callable[[], Rule]] = {}
+    for node in tree.elts if isinstance(tree, ast.Tuple) else [tree]:
+        item = ast.get_source_segment(text, node) or ""
+        name = by_lower.get(item.replace(" ", "").lower())
+        if name is None:
+            try:
+                parse_optimiser(item)
+            except (ValueError, TypeError) as exc:
+                raise argparse.ArgumentTypeError(f"{exc} (--rules takes 'all' or a comma list of "
+                                                 f"{', '.join(RULES)} or optimiser expressions)") from None
+        chosen.setdefault(name or item, RULES[name] if name else lambda item=item: parse_optimiser(item))
+    return list(chosen.items())
 
 
 # -- optimiser expressions ----------------------------------------------------------------

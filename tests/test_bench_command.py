@@ -15,7 +15,7 @@ import pytest
 
 import gpuopt
 from gpuopt import bench
-from gpuopt.bench import parse_rules, parse_sizes
+from gpuopt.arguments import parse_rules, parse_sizes
 from gpuopt.bench.devices import COPY_BYTES
 from gpuopt.bench.report import format_report, plot_report, write_json
 from gpuopt.bench.targets import evaluate_targets

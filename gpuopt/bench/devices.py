@@ -30,14 +30,16 @@ TORCH_ADAM = {"cupy": {"torch_fused": {"fused": True}, "torch_foreach": {"foreac
               "numpy": {"torch": {}, "torch_fused": {"fused": True}}}
 
 
-def measure_steps(elapsed: Callable[[Callable[[], None]], float], steps: Callable[[int], None],
-                  repeats: int, warmup: int, target_s: float) -> dict[str, Any]:
+def measure_steps(elapsed: Callable[[Callable[[], None]], float], step: Callable[[], Any], repeats: int,
+                  warmup: int, target_s: float) -> dict[str, Any]:
     """Warm up, pick how many steps one repeat runs (to last ``target_s``), then time ``repeats``
     repeats: seconds per step, the median (``time_s``) and the fastest repeat's."""
+    def steps(n: int) -> Callable[[], None]:
+        return lambda: [step() for _ in range(n)]
     if warmup:
-        elapsed(lambda: steps(warmup))
-    inner = max(1, min(MAX_INNER, math.ceil(target_s / max(elapsed(lambda: steps(1)), 1e-7))))
-    times = [elapsed(lambda: steps(inner)) / inner for _ in range(repeats)]
+        elapsed(steps(warmup))
+    inner = max(1, min(MAX_INNER, math.ceil(target_s / max(elapsed(steps(1)), 1e-7))))
+    times = [elapsed(steps(inner)) / inner for _ in range(repeats)]
     return {"time_s": statistics.median(times), "time_min_s": min(times), "repeats": repeats,
             "steps_per_repeat": inner}
 
@@ -119,8 +121,8 @@ class Machine:
             if self.device is not None:
                 source = self.device.module_source(*_float32_module(Descent()))
                 copies[f"native copy, {self.threads} threads"] = lambda: self.device.copy(dst, src, source)
-        rates = {method: 2 * n * 4 / measure_steps(self.elapsed, lambda m, copy=copy: [copy() for _ in range(m)],
-                                                   max(repeats, 5), 3 if self.gpu else 1, 0.0)["time_s"] / 1e9
+        rates = {method: 2 * n * 4 / measure_steps(self.elapsed, copy, max(repeats, 5), 3 if self.gpu else 1, 0.0
+                                                   )["time_s"] / 1e9
                  for method, copy in copies.items()}
         # On the CPU the copy on the update's own threads (the last) is the reference.
         best = max(rates, key=rates.__getitem__) if self.gpu else list(rates)[-1]

@@ -20,14 +20,6 @@ class BenchError(Exception):
     """A setting the benchmark cannot run with (no GPU for --backend cupy, no matplotlib...)."""
 
 
-def output_path(path: str, suffix: str) -> tuple[str, bool]:
-    """(where to write, whether it is a directory to put a generated file name in): a path that
-    is a directory or ends in a separator is one; a file name without ``suffix`` gets it."""
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        return path, True
-    return (path if path.lower().endswith(suffix) else path + suffix), False
-
-
 def run_record(kind: str, device: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """The fields every report starts with: what ran where, when, with which versions."""
     versions = {"gpuopt": __version__, "numpy": np.__version__, "python": platform.python_version(),
@@ -111,20 +103,30 @@ def _rule_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_json(report: dict[str, Any], path: str) -> str:
-    """Write ``report`` to ``path``; a directory (existing, or ending in a separator) gets a
-    file named by device, backend, dtype and date. Returns the path written."""
-    path = _output(report, path, ".json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, allow_nan=False)  # (valid JSON: no NaN)
-        f.write("\n")
-    return path
+def _target(path: str, suffix: str) -> tuple[str, bool]:
+    """(where to write, whether it is a directory to put a generated file name in): a path that
+    is a directory or ends in a separator is one; a file name without ``suffix`` gets it."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        return path, True
+    return (path if path.lower().endswith(suffix) else path + suffix), False
+
+
+def check_output(path: str, option: str, suffix: str) -> None:
+    """BenchError now, before anything is measured, if ``path`` cannot be written later."""
+    target, is_dir = _target(path, suffix)
+    folder = target if is_dir else os.path.dirname(target) or "."
+    while is_dir and not os.path.exists(folder):  # a directory is made later, under one that exists
+        folder = os.path.dirname(folder.rstrip(os.sep)) or "."
+    if not os.path.isdir(folder):
+        raise BenchError(f"{option}: directory {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (not is_dir and os.path.isdir(target)):
+        raise BenchError(f"{option}: cannot write {target!r}")
 
 
 def _output(report: dict[str, Any], path: str, suffix: str) -> str:
-    """The file to write: in a directory, one named by device, backend, dtype and date; a file
-    name gets ``suffix`` if it lacks it (so the name printed is the name written)."""
-    target, is_dir = output_path(path, suffix)
+    """The file to write: in a directory, one named by device, backend, dtype and date (so the
+    name printed is the name written)."""
+    target, is_dir = _target(path, suffix)
     if not is_dir:
         return target
     os.makedirs(target, exist_ok=True)
@@ -133,10 +135,18 @@ def _output(report: dict[str, Any], path: str, suffix: str) -> str:
                                 f"{report['date'][:10]}{suffix}")
 
 
+def write_json(report: dict[str, Any], path: str) -> str:
+    """Write ``report`` to ``path`` (a file, or a directory as for :func:`_output`); returns the path written."""
+    path = _output(report, path, ".json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, allow_nan=False)  # (valid JSON: no NaN)
+        f.write("\n")
+    return path
+
+
 def plot_report(report: dict[str, Any], path: str) -> str:
-    """A PNG of GB/s against size, one line per rule, the copy bandwidth as a reference line.
-    ``path`` is a file (``.png`` is added if missing) or a directory, as for :func:`write_json`.
-    Returns the path written."""
+    """A PNG of GB/s against size, one line per rule, the copy bandwidth as a reference line;
+    ``path`` as for :func:`write_json`. Returns the path written."""
     path = _output(report, path, ".png")
     plt = matplotlib_pyplot()
     fig, ax = plt.subplots(figsize=(10, 6))

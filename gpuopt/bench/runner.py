@@ -1,13 +1,5 @@
-"""A benchmark run: every rule and size and the model (:func:`benchmark`), or the host time of one
-``update`` call (:func:`host_benchmark`, ``--host``).
-
-The host run uses :class:`~gpuopt.backends.noop.NoopDevice`, which launches nothing, so what is
-timed is gpuopt's own work per call without CuPy's launch cost, on any machine: GPT-2 small's
-tensors with ADAM, the same gradient arrays every step (PyTorch's persistent ``.grad``) and new
-ones (a CuPy backward pass, or ``zero_grad(set_to_none=True)``); the same with PyTorch tensors
-(CPU tensors standing in for CUDA ones: the prepared path reads them the same way); 1000
-tensors; and two chains. Each figure is the median over many calls.
-"""
+"""A benchmark run: every rule and size and the model (:func:`benchmark`), or gpuopt's host time
+per call (:func:`host_benchmark`, ``--host``)."""
 
 from __future__ import annotations
 
@@ -40,6 +32,8 @@ from .workload import CHAIN, RULES, bytes_per_element, gpt2_shapes
 #: a repeat runs this many seconds' worth of steps at least (so tiny sizes are not all noise)
 REPEAT_TARGET_S = {"cupy": 2e-3, "numpy": 5e-3}
 HOST_CALLS = 50  # update calls timed on the host for the model
+#: the chains whose host time is compared with ADAM's
+CHAINS: dict[str, Callable[[], Rule]] = {"ClipNorm+ADAM": lambda: Optimiser(ClipNorm(1.0), ADAM()), CHAIN: RULES[CHAIN]}
 
 
 class Run:
@@ -52,9 +46,18 @@ class Run:
         self.notes: list[str] = []
         self.skipped: list[dict[str, Any]] = []  # sizes that did not fit in memory
 
-    def measure(self, steps: Callable[[int], None], elapsed: Callable | None = None) -> dict[str, Any]:
+    def timed(self, step: Callable[[], Any], free: Callable[[], None] | None = None, events: Any = None
+              ) -> dict[str, Any]:
+        """Seconds per ``step()`` (see :func:`measure_steps`); then ``free()`` frees the state the
+        steps made and garbage is collected now (a rule's state map is in a reference cycle)."""
         c = self.config
-        return measure_steps(elapsed or self.machine.elapsed, steps, c.repeats, c.warmup, REPEAT_TARGET_S[c.backend])
+        try:
+            return measure_steps(lambda fn: self.machine.elapsed(fn, events), step, c.repeats, c.warmup,
+                                 REPEAT_TARGET_S[c.backend])
+        finally:
+            if free is not None:
+                free()
+            self.machine.release(collect=free is not None)
 
     def attempt(self, what: str, timing: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """A baseline's timing; a failure is recorded (and shown) instead of ending the run."""
@@ -65,42 +68,33 @@ class Run:
             self.notes.append(f"{what} failed: {message}")
             self.say(f"note: {self.notes[-1]}")
             return {"error": message}
-        finally:
-            self.machine.release()
 
     def updates(self, rule: Rule, x: Any, g: Any, one_call: bool = True) -> dict[str, Any]:
-        """gpuopt's time per ``update(rule, x, g)`` (or one call per tensor of ``x`` and ``g``);
-        the rule's state is freed afterwards."""
+        """gpuopt's time per ``update(rule, x, g)``, or per loop of one call per tensor of ``x`` and ``g``."""
         calls = [(x, g)] if one_call else list(zip(x, g))
-        try:
-            return self.measure(lambda m: [update(rule, p, q) for _ in range(m) for p, q in calls])
-        finally:
-            rule.reset()  # frees its state now (the state map is in a reference cycle)
-            self.machine.release(collect=True)
+        return self.timed(lambda: [update(rule, p, q) for p, q in calls], rule.reset)
 
     def torch_steps(self, params: list[Any], grads: list[Any], make: Callable[[list[Any]], Any]) -> dict[str, Any]:
         """Time ``make(tensors).step()`` on torch views of ``params`` with ``grads`` as ``.grad``."""
-        torch, tensors = self.torch, [torch_view(self.torch, p) for p in params]
+        tensors = [torch_view(self.torch, p) for p in params]
         for tensor, g in zip(tensors, grads):
-            tensor.grad = torch_view(torch, g)
+            tensor.grad = torch_view(self.torch, g)
         opt = make(tensors)
-        try:
-            return self.measure(lambda m: [opt.step() for _ in range(m)],
-                                lambda fn: self.machine.elapsed(fn, torch.cuda.Event))
-        finally:  # free its state now rather than at the next garbage collection
+
+        def free() -> None:  # torch.optim keeps state in opt.state, gpuopt.torch.Optimizer in its rules
             opt.state.clear()
-            for group in opt.param_groups:  # gpuopt.torch.Optimizer keeps its state in its rules
+            for group in opt.param_groups:
                 if "rule" in group:
                     group["rule"].reset()
+        return self.timed(opt.step, free, self.torch.cuda.Event)
 
     def baselines(self, factory: Callable[[], Rule], params: list[Any], grads: list[Any], where: str
                   ) -> dict[str, dict[str, Any]]:
         """The plain formula's and (for ADAM) PyTorch's times on the same arrays."""
-        def unfused() -> dict[str, Any]:
-            plain = Unfused(factory(), self.machine.xp)
-            return self.measure(lambda m: [plain.step_many(params, grads) for _ in range(m)])
-
-        out = {"unfused": self.attempt(f"unfused {where}", unfused)} if self.config.baselines else {}
+        out = {}
+        if self.config.baselines:
+            out["unfused"] = self.attempt(f"unfused {where}", lambda: self.timed(
+                functools.partial(Unfused(factory(), self.machine.xp).step_many, params, grads)))
         if type(factory()) is ADAM and self.torch is not None:
             adam = self.torch.optim.Adam
             for name, kwargs in TORCH_ADAM[self.config.backend].items():
@@ -135,30 +129,17 @@ class Run:
     def model(self) -> dict[str, Any]:
         """ADAM on GPT-2 small's tensors: one update call against a per-tensor loop, one flat
         tensor of the same size, the plain formula and PyTorch."""
-        c = self.config
-        shapes = gpt2_shapes(c.model_layers, c.model_width)
-        total, bpe = sum(math.prod(shape) for _, shape in shapes), bytes_per_element(ADAM(), c.dtype)
-        variants = self.model_variants([shape for _, shape in shapes])
-        for name, v in variants.items():
-            if "time_s" in v:
-                v["gbps"] = bpe * total / v["time_s"] / 1e9
-                if name != "multi_tensor":
-                    v["time_ratio_to_multi_tensor"] = v["time_s"] / variants["multi_tensor"]["time_s"]
-        ours, fused = variants.get("gpuopt_torch", {}), variants.get("torch_fused", {})
-        if "time_s" in ours and "time_s" in fused:  # the drop-in replacement against torch's best
-            ours["time_ratio_to_torch_fused"] = ours["time_s"] / fused["time_s"]
-        return {"rule": "ADAM", "dtype": c.dtype.name, "tensors": len(shapes), "parameters": total,
-                "layers": c.model_layers, "width": c.model_width, "bytes_per_element": bpe,
-                "shapes": {name: list(shape) for name, shape in shapes}, "variants": variants}
-
-    def model_variants(self, shapes: list[tuple[int, ...]]) -> dict[str, dict[str, Any]]:
         c, machine = self.config, self.machine
+        names, shapes = zip(*gpt2_shapes(c.model_layers, c.model_width))
+        total, bpe = sum(map(math.prod, shapes)), bytes_per_element(ADAM(), c.dtype)
         machine.release(collect=True)
         params = [machine.random(shape, c.dtype, seed=i) for i, shape in enumerate(shapes)]
         grads = [machine.random(shape, c.dtype, seed=10_000 + i) for i, shape in enumerate(shapes)]
         self.say(f"model ({len(shapes)} tensors): gpuopt, then the baselines")
-        # On the GPU also the host time of one call (its launches queued, not waited for).
-        host = time_calls(ADAM(), params, grads, HOST_CALLS, lambda: None) if machine.gpu else {}
+        host, opt = {}, ADAM()
+        if machine.gpu:  # also the host time of one call (its launches queued, not waited for)
+            host = host_times(lambda: functools.partial(update, opt, params, grads), HOST_CALLS, lambda: None,
+                              opt.reset)
         variants = {"multi_tensor": {**self.updates(ADAM(), params, grads), **host},
                     "per_tensor_loop": self.updates(ADAM(), params, grads, one_call=False),
                     **self.baselines(ADAM, params, grads, "on the model")}
@@ -169,8 +150,18 @@ class Run:
                 params, grads, lambda tensors: Optimizer(tensors, ADAM())))
         params = grads = []
         machine.release(collect=True)
-        flat = [machine.random(sum(map(math.prod, shapes)), c.dtype, seed=seed) for seed in (1, 2)]
-        return {**variants, "flat": self.updates(ADAM(), *flat)}
+        variants["flat"] = self.updates(ADAM(), *(machine.random(total, c.dtype, seed=seed) for seed in (1, 2)))
+        for name, v in variants.items():
+            if "time_s" in v:
+                v["gbps"] = bpe * total / v["time_s"] / 1e9
+                if name != "multi_tensor":
+                    v["time_ratio_to_multi_tensor"] = v["time_s"] / variants["multi_tensor"]["time_s"]
+        ours, fused = variants.get("gpuopt_torch", {}), variants.get("torch_fused", {})
+        if "time_s" in ours and "time_s" in fused:  # the drop-in replacement against torch's best
+            ours["time_ratio_to_torch_fused"] = ours["time_s"] / fused["time_s"]
+        return {"rule": "ADAM", "dtype": c.dtype.name, "tensors": len(shapes), "parameters": total,
+                "layers": c.model_layers, "width": c.model_width, "bytes_per_element": bpe,
+                "shapes": {name: list(shape) for name, shape in zip(names, shapes)}, "variants": variants}
 
 
 def benchmark(config: argparse.Namespace, say: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -195,29 +186,25 @@ def benchmark(config: argparse.Namespace, say: Callable[[str], None] | None = No
     return report
 
 
-CHAINS: dict[str, Callable[[], Rule]] = {"ClipNorm+ADAM": lambda: Optimiser(ClipNorm(1.0), ADAM()), CHAIN: RULES[CHAIN]}
-
-
-def time_calls(opt: Rule, params: list, grads: list, calls: int, sync: Callable[[], None],
-               new_grads: Callable[[], list] | None = None) -> dict[str, Any]:
-    """The host time of ``update(opt, params, grads)``: the median over ``calls`` calls after
-    warm-up, with gradients from ``new_grads()`` before each call where it is given, and how
-    many calls took the prepared path. ``opt``'s state is freed afterwards."""
+def host_times(next_call: Callable[[], Callable[[], Any]], calls: int, sync: Callable[[], None],
+               free: Callable[[], None]) -> dict[str, Any]:
+    """The host time of the calls ``next_call()`` returns (made untimed, such as new gradients):
+    the median over ``calls`` calls after warm-up, and how many took the prepared path; then
+    ``free()`` frees the state they made."""
     for _ in range(3):  # the first call creates state and prepares; the others warm up
-        update(opt, params, grads)
+        next_call()()
     before, times = PATHS["prepared"], []
     gc.disable()  # a collection inside one timed call would be noise, not gpuopt's cost
     try:
         for _ in range(calls):
-            if new_grads is not None:
-                grads = new_grads()
+            call = next_call()
             sync()  # an empty launch queue: a launch never waits for a free slot while timed
             start = time.perf_counter()
-            update(opt, params, grads)
+            call()
             times.append(time.perf_counter() - start)
     finally:
         gc.enable()
-        opt.reset()
+        free()
     prepared = PATHS["prepared"] - before
     return {"host_time_us": statistics.median(times) * 1e6, "host_time_min_us": min(times) * 1e6, "calls": calls,
             "prepared_calls": prepared, "full_calls": calls - prepared}
@@ -226,7 +213,10 @@ def time_calls(opt: Rule, params: list, grads: list, calls: int, sync: Callable[
 def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: int = 1000,
                    use_torch: bool = True, launches: bool = False) -> dict[str, Any]:
     """Every host-time case; returns the report (``targets`` included) that ``--json`` writes.
-    ``launches`` runs them on the GPU with real launches (synchronised before each timed call)."""
+    Without ``launches`` nothing is launched (a NoopDevice: gpuopt's own work, on any machine;
+    CPU tensors stand in for CUDA ones); with it, real launches on the GPU, synchronised before
+    each timed call. Gradients are the same arrays every step (PyTorch's persistent ``.grad``)
+    or new ones (a CuPy backward pass, ``zero_grad(set_to_none=True)``)."""
     started = time.perf_counter()
     machine = Machine("cupy" if launches else "numpy")
     shapes = [shape for _, shape in gpt2_shapes(layers, width)]
@@ -239,16 +229,35 @@ def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: i
         made = [torch.zeros(shape, device="cuda" if launches else "cpu") for shape in shapes]
         return [torch.nn.Parameter(t) for t in made] if params else made
 
+    def updates(rule: Rule, shapes: list, make: Callable, new: bool) -> Callable[[], Callable[[], Any]]:
+        params, grads = make(shapes, params=True), make(shapes)
+        return lambda: functools.partial(update, rule, params, make(shapes) if new else grads)
+
+    def optimizer_steps(rule: Rule, shapes: list, make: Callable, new: bool) -> Callable[[], Callable[[], Any]]:
+        from ..torch import Optimizer
+
+        params = make(shapes, params=True)
+        opt = Optimizer(params, rule)
+
+        def next_call() -> Callable[[], Any]:  # only the step is timed, not setting .grad
+            for p, g in zip(params, make(shapes)):
+                p.grad = g
+            return opt.step
+        next_call()  # the gradients of every step where they are the same
+        return next_call if new else lambda: opt.step
+
     cases: dict[str, dict[str, Any]] = {}
     with contextlib.nullcontext() if launches else backend_override("numpy", KernelBackend(NoopDevice())):
         for kind in ("same", "new"):
-            runs = {f"ADAM/{kind}": (ADAM, shapes, arrays), f"ADAM/{kind}/{many}": (ADAM, [(4096,)] * many, arrays),
-                    **{f"{name}/{kind}": (factory, shapes, arrays) for name, factory in CHAINS.items()},
-                    **({f"torch ADAM/{kind}": (ADAM, shapes, tensors)} if torch is not None else {})}
-            for name, (factory, case_shapes, make) in runs.items():
-                new_grads = functools.partial(make, case_shapes) if kind == "new" else None
-                cases[name] = time_calls(factory(), make(case_shapes, params=True), make(case_shapes),
-                                         calls, machine.sync, new_grads)
+            runs = {f"ADAM/{kind}": (updates, ADAM, shapes, arrays),
+                    f"ADAM/{kind}/{many}": (updates, ADAM, [(4096,)] * many, arrays),
+                    **{f"{name}/{kind}": (updates, factory, shapes, arrays) for name, factory in CHAINS.items()}}
+            if torch is not None:
+                runs[f"torch ADAM/{kind}"] = (updates, ADAM, shapes, tensors)
+                runs[f"torch Optimizer.step/{kind}"] = (optimizer_steps, ADAM, shapes, tensors)
+            for name, (case, factory, case_shapes, make) in runs.items():
+                rule = factory()
+                cases[name] = host_times(case(rule, case_shapes, make, kind == "new"), calls, machine.sync, rule.reset)
                 gc.collect()
     report = run_record("host", {"backend": "host-cupy" if launches else "host-noop", **machine.describe()}, {
         "calls": calls, "tensors": len(shapes), "layers": layers, "width": width, "many": many, "dtype": "float32",
