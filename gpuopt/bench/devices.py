@@ -1,6 +1,5 @@
-"""Where the benchmark runs (:class:`Machine`): the device of the backend that updates its arrays
-(the GPU's :class:`~gpuopt.backends.cupy_backend.CupyDevice`, or the CPU's native device), the
-clock, copy bandwidth and build times of that machine, and PyTorch on the same arrays."""
+"""Where the benchmark runs (:class:`Machine`): the clock, memory, copy bandwidth and build times
+of the device the backend itself launches on, and PyTorch on the same arrays."""
 
 from __future__ import annotations
 
@@ -22,26 +21,9 @@ from ..backends import cxx_build, describe, get_backend
 from ..plan import plan
 from ..rules import ADAM, Descent
 
-MAX_INNER = 1000
+MAX_INNER = 1000  # steps in one timed repeat at most
 #: bytes of the buffer whose copy gives the reference bandwidth
 COPY_BYTES = {"cupy": 1 << 30, "numpy": 256 << 20}
-#: the torch.optim.Adam baselines per machine: name -> keyword arguments
-TORCH_ADAM = {"cupy": {"torch_fused": {"fused": True}, "torch_foreach": {"foreach": True}},
-              "numpy": {"torch": {}, "torch_fused": {"fused": True}}}
-
-
-def measure_steps(elapsed: Callable[[Callable[[], None]], float], step: Callable[[], Any], repeats: int,
-                  warmup: int, target_s: float) -> dict[str, Any]:
-    """Warm up, pick how many steps one repeat runs (to last ``target_s``), then time ``repeats``
-    repeats: seconds per step, the median (``time_s``) and the fastest repeat's."""
-    def steps(n: int) -> Callable[[], None]:
-        return lambda: [step() for _ in range(n)]
-    if warmup:
-        elapsed(steps(warmup))
-    inner = max(1, min(MAX_INNER, math.ceil(target_s / max(elapsed(steps(1)), 1e-7))))
-    times = [elapsed(steps(inner)) / inner for _ in range(repeats)]
-    return {"time_s": statistics.median(times), "time_min_s": min(times), "repeats": repeats,
-            "steps_per_repeat": inner}
 
 
 class Machine:
@@ -91,6 +73,19 @@ class Machine:
         end.synchronize()
         return (start.elapsed_time(end) if events else self.xp.cuda.get_elapsed_time(start, end)) / 1e3
 
+    def time_steps(self, step: Callable[[], Any], repeats: int, warmup: int, target_s: float, events: Any = None
+                   ) -> dict[str, Any]:
+        """Warm up, pick how many steps one repeat runs (to last ``target_s``), then time ``repeats``
+        repeats: seconds per step, the median (``time_s``) and the fastest repeat's."""
+        def steps(n: int) -> Callable[[], None]:
+            return lambda: [step() for _ in range(n)]
+        if warmup:
+            self.elapsed(steps(warmup), events)
+        inner = max(1, min(MAX_INNER, math.ceil(target_s / max(self.elapsed(steps(1), events), 1e-7))))
+        times = [self.elapsed(steps(inner), events) / inner for _ in range(repeats)]
+        return {"time_s": statistics.median(times), "time_min_s": min(times), "repeats": repeats,
+                "steps_per_repeat": inner}
+
     def random(self, shape: Any, dtype: np.dtype, seed: int) -> Any:
         generator = self.xp.random.RandomState(seed) if self.gpu else np.random.default_rng(seed)
         drawn = generator.standard_normal(shape, dtype=np.float32 if dtype == np.float16 else dtype)
@@ -108,24 +103,21 @@ class Machine:
 
     def copy_bandwidth(self, repeats: int) -> dict[str, Any]:
         """GB/s of a copy (bytes read + written) of a buffer far larger than any cache: on the GPU
-        the faster of cudaMemcpy and a copy kernel; on the CPU the copy on the threads an update
-        uses (the native device's), with one-thread ``np.copyto`` beside it."""
+        the faster of cudaMemcpy and a copy kernel; on the CPU the copy on the threads an update uses."""
         xp, n = self.xp, COPY_BYTES[self.kind] // 4
         src, dst = xp.ones(n, dtype=np.float32), xp.zeros(n, dtype=np.float32)
         if self.gpu:
             kernel = xp.ElementwiseKernel("T x", "T y", "y = x", "gpuopt_bench_copy")
             copies = {"cudaMemcpy": lambda: dst.data.copy_from_device_async(src.data, n * 4),
                       "copy kernel": lambda: kernel(src, dst)}
+        elif self.device is not None:
+            source = self.device.module_source(*_float32_module(Descent()))
+            copies = {f"native copy, {self.threads} threads": lambda: self.device.copy(dst, src, source)}
         else:
             copies = {"np.copyto": lambda: np.copyto(dst, src)}
-            if self.device is not None:
-                source = self.device.module_source(*_float32_module(Descent()))
-                copies[f"native copy, {self.threads} threads"] = lambda: self.device.copy(dst, src, source)
-        rates = {method: 2 * n * 4 / measure_steps(self.elapsed, copy, max(repeats, 5), 3 if self.gpu else 1, 0.0
-                                                   )["time_s"] / 1e9
+        rates = {method: 2 * n * 4 / self.time_steps(copy, max(repeats, 5), 3 if self.gpu else 1, 0.0)["time_s"] / 1e9
                  for method, copy in copies.items()}
-        # On the CPU the copy on the update's own threads (the last) is the reference.
-        best = max(rates, key=rates.__getitem__) if self.gpu else list(rates)[-1]
+        best = max(rates, key=rates.__getitem__)
         return {"gbps": rates[best], "method": best, "buffer_bytes": n * 4, "gbps_by_method": rates}
 
     def build_times(self) -> dict[str, float] | None:
@@ -148,21 +140,13 @@ class Machine:
         update uses), else None."""
         try:
             import torch
-
-            if self.gpu and not torch.cuda.is_available():
-                return None
         except Exception:  # noqa: BLE001 - an optional comparison
             return None
         if not self.gpu:
             torch.set_num_threads(self.threads)
-        return torch
+        return torch if not self.gpu or torch.cuda.is_available() else None
 
 
 def _float32_module(rule: Any) -> tuple[Any, ...]:
     """The arguments of ``module_source`` for ``rule`` on float32 arrays."""
     return plan(rule), np.dtype(np.float32), np.dtype(np.float32), False
-
-
-def torch_view(torch: Any, array: Any) -> Any:
-    """A PyTorch tensor sharing ``array``'s memory (DLPack on the GPU, from_numpy on the CPU)."""
-    return torch.from_numpy(array) if isinstance(array, np.ndarray) else torch.from_dlpack(array)

@@ -24,7 +24,7 @@ from ..plain import Unfused
 from ..prepared import PATHS
 from ..rule import Rule
 from ..rules import ADAM, ClipNorm
-from .devices import TORCH_ADAM, Machine, measure_steps, torch_view
+from .devices import Machine
 from .report import run_record
 from .targets import evaluate_targets, host_targets
 from .workload import CHAIN, RULES, bytes_per_element, gpt2_shapes
@@ -32,6 +32,9 @@ from .workload import CHAIN, RULES, bytes_per_element, gpt2_shapes
 #: a repeat runs this many seconds' worth of steps at least (so tiny sizes are not all noise)
 REPEAT_TARGET_S = {"cupy": 2e-3, "numpy": 5e-3}
 HOST_CALLS = 50  # update calls timed on the host for the model
+#: the torch.optim.Adam baselines per machine: name -> keyword arguments
+TORCH_ADAM = {"cupy": {"torch_fused": {"fused": True}, "torch_foreach": {"foreach": True}},
+              "numpy": {"torch": {}, "torch_fused": {"fused": True}}}
 #: the chains whose host time is compared with ADAM's
 CHAINS: dict[str, Callable[[], Rule]] = {"ClipNorm+ADAM": lambda: Optimiser(ClipNorm(1.0), ADAM()), CHAIN: RULES[CHAIN]}
 
@@ -45,15 +48,15 @@ class Run:
         self.torch = self.machine.torch() if config.torch else None
         self.notes: list[str] = []
         self.skipped: list[dict[str, Any]] = []  # sizes that did not fit in memory
+        self.copy: dict[str, Any] = {}  # the copy bandwidth, measured first
 
     def timed(self, step: Callable[[], Any], free: Callable[[], None] | None = None, events: Any = None
               ) -> dict[str, Any]:
-        """Seconds per ``step()`` (see :func:`measure_steps`); then ``free()`` frees the state the
-        steps made and garbage is collected now (a rule's state map is in a reference cycle)."""
+        """Seconds per ``step()``; then ``free()`` frees the state the steps made, collected now (a
+        rule's state map is in a reference cycle)."""
         c = self.config
         try:
-            return measure_steps(lambda fn: self.machine.elapsed(fn, events), step, c.repeats, c.warmup,
-                                 REPEAT_TARGET_S[c.backend])
+            return self.machine.time_steps(step, c.repeats, c.warmup, REPEAT_TARGET_S[c.backend], events)
         finally:
             if free is not None:
                 free()
@@ -75,10 +78,11 @@ class Run:
         return self.timed(lambda: [update(rule, p, q) for p, q in calls], rule.reset)
 
     def torch_steps(self, params: list[Any], grads: list[Any], make: Callable[[list[Any]], Any]) -> dict[str, Any]:
-        """Time ``make(tensors).step()`` on torch views of ``params`` with ``grads`` as ``.grad``."""
-        tensors = [torch_view(self.torch, p) for p in params]
+        """Time ``make(tensors).step()`` on tensors sharing the memory of ``params``, ``grads`` as their ``.grad``."""
+        view = self.torch.from_dlpack if self.machine.gpu else self.torch.from_numpy
+        tensors = [view(p) for p in params]
         for tensor, g in zip(tensors, grads):
-            tensor.grad = torch_view(self.torch, g)
+            tensor.grad = view(g)
         opt = make(tensors)
 
         def free() -> None:  # torch.optim keeps state in opt.state, gpuopt.torch.Optimizer in its rules
@@ -123,8 +127,10 @@ class Run:
         for base in baselines.values():
             if "time_s" in base:  # gpuopt's time as a multiple of the baseline's
                 base["time_ratio"] = timing["time_s"] / base["time_s"]
+        gbps = (bpe << k) / timing["time_s"] / 1e9
         return {"rule": name, "log2": k, "elements": 1 << k, "dtype": self.config.dtype.name, "bytes_per_element": bpe,
-                "bytes": bpe << k, **timing, "gbps": (bpe << k) / timing["time_s"] / 1e9, "baselines": baselines}
+                "bytes": bpe << k, **timing, "gbps": gbps, "pct_copy": 100 * gbps / self.copy["gbps"],
+                "baselines": baselines}
 
     def model(self) -> dict[str, Any]:
         """ADAM on GPT-2 small's tensors: one update call against a per-tensor loop, one flat
@@ -138,8 +144,8 @@ class Run:
         self.say(f"model ({len(shapes)} tensors): gpuopt, then the baselines")
         host, opt = {}, ADAM()
         if machine.gpu:  # also the host time of one call (its launches queued, not waited for)
-            host = host_times(lambda: functools.partial(update, opt, params, grads), HOST_CALLS, lambda: None,
-                              opt.reset)
+            host = host_times(lambda: functools.partial(update, opt, params, grads), HOST_CALLS, lambda: None)
+            opt.reset()
         variants = {"multi_tensor": {**self.updates(ADAM(), params, grads), **host},
                     "per_tensor_loop": self.updates(ADAM(), params, grads, one_call=False),
                     **self.baselines(ADAM, params, grads, "on the model")}
@@ -154,8 +160,8 @@ class Run:
         for name, v in variants.items():
             if "time_s" in v:
                 v["gbps"] = bpe * total / v["time_s"] / 1e9
-                if name != "multi_tensor":
-                    v["time_ratio_to_multi_tensor"] = v["time_s"] / variants["multi_tensor"]["time_s"]
+                if name != "multi_tensor":  # gpuopt's one call's time as a multiple of this one's
+                    v["time_ratio"] = variants["multi_tensor"]["time_s"] / v["time_s"]
         ours, fused = variants.get("gpuopt_torch", {}), variants.get("torch_fused", {})
         if "time_s" in ours and "time_s" in fused:  # the drop-in replacement against torch's best
             ours["time_ratio_to_torch_fused"] = ours["time_s"] / fused["time_s"]
@@ -171,26 +177,21 @@ def benchmark(config: argparse.Namespace, say: Callable[[str], None] | None = No
     run = Run(config, say or (lambda message: None))
     machine = run.machine
     run.say("measuring copy bandwidth")
-    copy, builds = machine.copy_bandwidth(config.repeats), machine.build_times()
+    run.copy, builds = machine.copy_bandwidth(config.repeats), machine.build_times()
     results, model = run.sizes(), run.model() if config.model else None
-    for entry in results:
-        entry["pct_copy"] = 100.0 * entry["gbps"] / copy["gbps"]
-        entry["time_at_copy_bw_s"] = entry["bytes"] / (copy["gbps"] * 1e9)
     report = run_record("rules", {"backend": config.backend, **machine.describe()}, {
         "rules": [name for name, _ in config.rules], "sizes_log2": config.sizes, "dtype": config.dtype.name,
         "repeats": config.repeats, "warmup": config.warmup, "model": config.model, "baselines": config.baselines,
         "torch": config.torch, "timer": "CUDA events" if machine.gpu else "time.perf_counter"})
-    report.update(copy_bandwidth=copy, native_build=builds, results=results, skipped=run.skipped, model=model,
+    report.update(copy_bandwidth=run.copy, native_build=builds, results=results, skipped=run.skipped, model=model,
                   notes=run.notes, elapsed_s=time.perf_counter() - started)
     report["targets"] = evaluate_targets(report)
     return report
 
 
-def host_times(next_call: Callable[[], Callable[[], Any]], calls: int, sync: Callable[[], None],
-               free: Callable[[], None]) -> dict[str, Any]:
+def host_times(next_call: Callable[[], Callable[[], Any]], calls: int, sync: Callable[[], None]) -> dict[str, Any]:
     """The host time of the calls ``next_call()`` returns (made untimed, such as new gradients):
-    the median over ``calls`` calls after warm-up, and how many took the prepared path; then
-    ``free()`` frees the state they made."""
+    the median over ``calls`` calls after warm-up, and how many took the prepared path."""
     for _ in range(3):  # the first call creates state and prepares; the others warm up
         next_call()()
     before, times = PATHS["prepared"], []
@@ -204,7 +205,6 @@ def host_times(next_call: Callable[[], Callable[[], Any]], calls: int, sync: Cal
             times.append(time.perf_counter() - start)
     finally:
         gc.enable()
-        free()
     prepared = PATHS["prepared"] - before
     return {"host_time_us": statistics.median(times) * 1e6, "host_time_min_us": min(times) * 1e6, "calls": calls,
             "prepared_calls": prepared, "full_calls": calls - prepared}
@@ -257,7 +257,8 @@ def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: i
                 runs[f"torch Optimizer.step/{kind}"] = (optimizer_steps, ADAM, shapes, tensors)
             for name, (case, factory, case_shapes, make) in runs.items():
                 rule = factory()
-                cases[name] = host_times(case(rule, case_shapes, make, kind == "new"), calls, machine.sync, rule.reset)
+                cases[name] = host_times(case(rule, case_shapes, make, kind == "new"), calls, machine.sync)
+                rule.reset()
                 gc.collect()
     report = run_record("host", {"backend": "host-cupy" if launches else "host-noop", **machine.describe()}, {
         "calls": calls, "tensors": len(shapes), "layers": layers, "width": width, "many": many, "dtype": "float32",
