@@ -15,6 +15,7 @@ import pytest
 
 import gpuopt
 from gpuopt import bench
+from gpuopt.__main__ import build_parser
 from gpuopt.arguments import parse_rules, parse_sizes
 from gpuopt.bench.devices import COPY_BYTES
 from gpuopt.bench.report import format_report, plot_report, write_json
@@ -31,9 +32,7 @@ TINY = ["--backend", "numpy", "--sizes", "10,12", "--rules", "ADAM,Descent,Clip+
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(["bench", *argv])
 
 
 @pytest.fixture(autouse=True)

@@ -197,7 +197,8 @@ def test_host_launches_need_a_gpu(capsys, monkeypatch):
 def test_host_benchmark_measures_the_prepared_path_with_torch():
     pytest.importorskip("torch")
     report = host_benchmark(calls=3, layers=1, width=8, many=20)
-    for name in ("torch ADAM/same", "torch ADAM/new", "ADAM/new/20", "ClipNorm+ADAM/new"):
+    for name in ("torch ADAM/same", "torch ADAM/new", "ADAM/new/20", "ClipNorm+ADAM/new",
+                 "torch Optimizer.step/same", "torch Optimizer.step/new"):
         assert report["cases"][name]["prepared_calls"] == 3, name
 
 

@@ -14,7 +14,7 @@ from .report import BenchError, check_output, format_report, matplotlib_pyplot, 
 from .runner import benchmark, host_benchmark
 from .workload import RULES
 
-__all__ = ["BenchError", "add_arguments", "add_parser", "benchmark", "config_from_args", "host_benchmark", "run"]
+__all__ = ["BenchError", "add_parser", "benchmark", "config_from_args", "host_benchmark", "run"]
 
 #: per backend: log2 sizes, repeats, warm-up steps
 DEFAULTS = {"cupy": ((16, 28), 20, 3), "numpy": ((16, 24), 5, 1)}
@@ -45,12 +45,6 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the benchmark's options on ``parser``."""
-    for flag, keywords in OPTIONS:
-        parser.add_argument(flag, **keywords)
-
-
 def config_from_args(args: argparse.Namespace) -> argparse.Namespace:
     """The run's settings, defaults filled in for the backend (``auto`` resolved); BenchError,
     before anything is measured, for a setting that cannot run."""
@@ -79,7 +73,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "bench", help="the time of update steps against memory bandwidth and baselines",
         description="Time per step, GB/s and the copy bandwidth, against the plain formulas and PyTorch, for each "
                     "rule and size and GPT-2 small's tensors; with --host, gpuopt's own host time per call.")
-    add_arguments(parser)
+    for flag, keywords in OPTIONS:
+        parser.add_argument(flag, **keywords)
     parser.set_defaults(func=run)
     return parser
 

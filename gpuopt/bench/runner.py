@@ -213,10 +213,8 @@ def host_times(next_call: Callable[[], Callable[[], Any]], calls: int, sync: Cal
 def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: int = 1000,
                    use_torch: bool = True, launches: bool = False) -> dict[str, Any]:
     """Every host-time case; returns the report (``targets`` included) that ``--json`` writes.
-    Without ``launches`` nothing is launched (a NoopDevice: gpuopt's own work, on any machine;
-    CPU tensors stand in for CUDA ones); with it, real launches on the GPU, synchronised before
-    each timed call. Gradients are the same arrays every step (PyTorch's persistent ``.grad``)
-    or new ones (a CuPy backward pass, ``zero_grad(set_to_none=True)``)."""
+    Nothing is launched (a NoopDevice; CPU tensors stand in for CUDA ones), or with ``launches``
+    real launches on the GPU. Gradients are the same every step (``.grad`` kept) or new ones."""
     started = time.perf_counter()
     machine = Machine("cupy" if launches else "numpy")
     shapes = [shape for _, shape in gpt2_shapes(layers, width)]
@@ -229,35 +227,33 @@ def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: i
         made = [torch.zeros(shape, device="cuda" if launches else "cpu") for shape in shapes]
         return [torch.nn.Parameter(t) for t in made] if params else made
 
-    def updates(rule: Rule, shapes: list, make: Callable, new: bool) -> Callable[[], Callable[[], Any]]:
+    def calls_of(rule: Rule, shapes: list, make: Callable, new: bool, step: bool) -> Callable[[], Callable[[], Any]]:
+        """The calls to time: ``update(rule, params, grads)``, or with ``step`` the step of a
+        ``gpuopt.torch.Optimizer`` (the gradients set untimed before it)."""
         params, grads = make(shapes, params=True), make(shapes)
-        return lambda: functools.partial(update, rule, params, make(shapes) if new else grads)
-
-    def optimizer_steps(rule: Rule, shapes: list, make: Callable, new: bool) -> Callable[[], Callable[[], Any]]:
+        if not step:
+            return lambda: functools.partial(update, rule, params, make(shapes) if new else grads)
         from ..torch import Optimizer
 
-        params = make(shapes, params=True)
         opt = Optimizer(params, rule)
 
-        def next_call() -> Callable[[], Any]:  # only the step is timed, not setting .grad
-            for p, g in zip(params, make(shapes)):
+        def set_grads() -> Callable[[], Any]:
+            for p, g in zip(params, make(shapes) if new else grads):
                 p.grad = g
             return opt.step
-        next_call()  # the gradients of every step where they are the same
-        return next_call if new else lambda: opt.step
+        return set_grads
 
     cases: dict[str, dict[str, Any]] = {}
     with contextlib.nullcontext() if launches else backend_override("numpy", KernelBackend(NoopDevice())):
         for kind in ("same", "new"):
-            runs = {f"ADAM/{kind}": (updates, ADAM, shapes, arrays),
-                    f"ADAM/{kind}/{many}": (updates, ADAM, [(4096,)] * many, arrays),
-                    **{f"{name}/{kind}": (updates, factory, shapes, arrays) for name, factory in CHAINS.items()}}
-            if torch is not None:
-                runs[f"torch ADAM/{kind}"] = (updates, ADAM, shapes, tensors)
-                runs[f"torch Optimizer.step/{kind}"] = (optimizer_steps, ADAM, shapes, tensors)
-            for name, (case, factory, case_shapes, make) in runs.items():
+            runs = {f"ADAM/{kind}": (ADAM, shapes, arrays, False),
+                    f"ADAM/{kind}/{many}": (ADAM, [(4096,)] * many, arrays, False),
+                    **{f"{name}/{kind}": (factory, shapes, arrays, False) for name, factory in CHAINS.items()},
+                    **({f"torch ADAM/{kind}": (ADAM, shapes, tensors, False),
+                        f"torch Optimizer.step/{kind}": (ADAM, shapes, tensors, True)} if torch is not None else {})}
+            for name, (factory, case_shapes, make, step) in runs.items():
                 rule = factory()
-                cases[name] = host_times(case(rule, case_shapes, make, kind == "new"), calls, machine.sync)
+                cases[name] = host_times(calls_of(rule, case_shapes, make, kind == "new", step), calls, machine.sync)
                 rule.reset()
                 gc.collect()
     report = run_record("host", {"backend": "host-cupy" if launches else "host-noop", **machine.describe()}, {
