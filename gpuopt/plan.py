@@ -55,6 +55,34 @@ class Program:
         """How many scalars the kernels take: the rules' host scalars, then hoisted values."""
         return len(self.scalars) + len(self.hoisted)
 
+    def host_scalars(self, leaves: tuple[Rule, ...], step_counts: tuple[int, ...]) -> list[float]:
+        """Run each rule's schedule for its next step, then the kernel's scalars: what
+        ``kernel_scalars`` makes of the rules' ``scalars(t)``. A rule that keeps Rule's own
+        ``scalars`` has its hyperparameters read straight from its attributes (an update's
+        host cost: building every rule's dictionary of scalars costs microseconds)."""
+        reads = self.__dict__.get("_scalar_reads")
+        if reads is None:  # (one set of rule classes per program: the first leaves tell)
+            reads = self.__dict__["_scalar_reads"] = _scalar_reads(self, leaves)
+        values: list[Any] = [0.0] * len(self.scalars)
+        for leaf, t, (generic, schedules, extras, positions) in zip(leaves, step_counts, reads):
+            if generic:
+                leaf.schedule(t)
+                found = leaf.scalars(t)
+                for position, name in positions:
+                    values[position] = found[name]
+                continue
+            if schedules:
+                leaf.schedule(t)
+            attributes = leaf.__dict__
+            if extras:
+                extra = leaf.extra_scalars(t)
+                for position, name in positions:
+                    values[position] = extra[name] if name in extra else float(attributes[name])
+            else:
+                for position, name in positions:
+                    values[position] = float(attributes[name])
+        return self.kernel_scalars(values) if self.hoisted else values
+
     def kernel_scalars(self, values: list[float]) -> list[float]:
         """``values`` (one per entry of ``scalars``) followed by the hoisted values, in float64."""
         steps, hoisted = self._hoisted_program
@@ -159,7 +187,7 @@ class _ScalarView:
 
 def structure_key(rule: Rule) -> tuple:
     """What a traced program depends on: the classes of the rules it runs, in order."""
-    return tuple(type(leaf) for leaf in rule.leaves())
+    return tuple(map(type, rule.leaves()))
 
 
 def _trace(leaves: tuple[Rule, ...]) -> Program:
@@ -272,13 +300,29 @@ _HOST_OPS = {
 }
 
 
+def _scalar_reads(program: Program, leaves: tuple[Rule, ...]) -> list[tuple[bool, bool, bool, list]]:
+    """Per rule of ``program`` (of ``leaves``' classes): whether its scalars need the generic
+    ``scalars(t)``, whether it has a schedule, whether it has extra scalars, and the
+    (position, name) of each scalar the kernel reads from it."""
+    reads = []
+    for index, leaf in enumerate(leaves):
+        cls = type(leaf)
+        positions = [(k, ref.name) for k, ref in enumerate(program.scalars) if ref.rule == index]
+        extras = cls.extra_scalars is not Rule.extra_scalars
+        hypers = {h.name for h in cls._hypers}
+        generic = (cls.scalars is not Rule.scalars or cls.hyperparameters is not Rule.hyperparameters
+                   or (not extras and any(name not in hypers for _, name in positions)))
+        reads.append((generic, cls.schedule is not Rule.schedule, extras, positions))
+    return reads
+
+
 _programs: dict[tuple, Program] = {}
 
 
 def plan(rule: Rule) -> Program:
     """The traced program of ``rule``, cached on its structure, never on hyperparameter values."""
     leaves = rule.leaves()
-    key = structure_key(rule)
+    key = tuple(map(type, leaves))  # (structure_key, without asking for the leaves twice)
     program = _programs.get(key)
     if program is None:
         # Threads may trace the same structure at once (each into its own graph): the first

@@ -41,11 +41,7 @@ PATHS: Counter[str] = Counter()
 
 def step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[int, ...]) -> list[float]:
     """Run each rule's schedule for its next step, then collect the kernel's scalars."""
-    values = []
-    for leaf, t in zip(leaves, step_counts):
-        leaf.schedule(t)
-        values.append(leaf.scalars(t))
-    return program.kernel_scalars([values[ref.rule][ref.name] for ref in program.scalars])
+    return program.host_scalars(leaves, step_counts)
 
 
 #: fast address readers for array types other than CuPy's and PyTorch's (the host-time
@@ -189,6 +185,37 @@ def _family(kind: type) -> str:
     return module if module in ("torch", "cupy") else f"{kind.__module__}.{kind.__qualname__}"
 
 
+class PreparedSingle(PreparedUpdate):
+    """One array's update prepared for repeating (a backend that prepares single arrays: the
+    native CPU), as a collection of one. A NumPy array may also change in place (``resize``,
+    or a new ``shape``, ``strides`` or ``dtype``) and stay the same object: the layouts of
+    the parameter and its gradient are checked first, and any change goes the full way."""
+
+    def __init__(self, opt: Rule, program: Program, x: Any, g: Any, jobs: Sequence[Job],
+                 launch: PreparedLaunch, param_kind: _ArrayKind, grad_kind: _ArrayKind):
+        super().__init__(opt, program, [x], [g], jobs, launch, param_kind, grad_kind)
+        self.param_id, self.grad_type = id(x), type(g)
+        self.layouts = (x.dtype, x.shape, x.strides, g.dtype, g.shape, g.strides)
+
+    def try_single(self, opt: Rule, x: Any, g: Any) -> bool:
+        """Run the step if ``update(opt, x, g)`` repeats the prepared one; False, changing
+        nothing, if not."""
+        if (id(x) != self.param_id or type(g) is not self.grad_type
+                or (x.dtype, x.shape, x.strides, g.dtype, g.shape, g.strides) != self.layouts):
+            return False
+        return self.try_step(opt, (x,), (g,))
+
+
+class _SingleSeen:
+    """The last array updated alone, by the full path: prepared if the next call repeats it (a
+    loop over many arrays, one call each, would otherwise prepare at every call)."""
+
+    __slots__ = ("param",)
+
+    def __init__(self, x: Any):
+        self.param = weakref.ref(x)
+
+
 def try_prepared(opt: Rule, params: Any, grads: Any) -> bool:
     """Repeat the optimiser's prepared update if this call is the same; True if done."""
     prepared = opt.__dict__.get("_prepared") if isinstance(opt, Rule) else None
@@ -198,7 +225,14 @@ def try_prepared(opt: Rule, params: Any, grads: Any) -> bool:
         if not isinstance(grads, dict) or list(params) != list(grads):
             return False
         params, grads = list(params.values()), list(grads.values())
-    elif not (isinstance(params, (list, tuple)) and isinstance(grads, (list, tuple))):
+    elif not isinstance(params, (list, tuple)):
+        if type(prepared) is not PreparedSingle or not prepared.try_single(opt, params, grads):
+            return False
+        PATHS["prepared"] += 1
+        return True
+    elif not isinstance(grads, (list, tuple)):
+        return False
+    if not isinstance(prepared, PreparedUpdate) or type(prepared) is PreparedSingle:
         return False
     if not prepared.try_step(opt, params, grads):
         return False
@@ -208,12 +242,20 @@ def try_prepared(opt: Rule, params: Any, grads: Any) -> bool:
 
 def prepare(opt: Rule, program: Program, params: Any, grads: Any, checked: list, jobs: Sequence[Job]) -> None:
     """Keep what it takes to repeat this call: collections on a backend that prepares, whose
-    arrays all step together, of one array type each for parameters and gradients."""
-    opt.__dict__.pop("_prepared", None)
-    if not isinstance(params, (list, tuple, dict)) or not jobs:
+    arrays all step together, of one array type each for parameters and gradients; one NumPy
+    array on a backend that prepares single arrays, from its second call in a row."""
+    seen = opt.__dict__.pop("_prepared", None)
+    if not jobs:
         return
-    p = list(params.values()) if isinstance(params, dict) else list(params)
-    g = list(grads.values()) if isinstance(grads, dict) else list(grads)
+    single = not isinstance(params, (list, tuple, dict))
+    if single:
+        if not (isinstance(params, np.ndarray) and isinstance(grads, np.ndarray)):
+            return
+        if not (isinstance(seen, _SingleSeen) and seen.param() is params):
+            opt.__dict__["_prepared"] = _SingleSeen(params)
+            return
+    p = [params] if single else list(params.values()) if isinstance(params, dict) else list(params)
+    g = [grads] if single else list(grads.values()) if isinstance(grads, dict) else list(grads)
     if any(x is None for x in g) or len(checked) != len(p):
         return
     backends = {x.backend for _, x, _ in checked}
@@ -228,11 +270,14 @@ def prepare(opt: Rule, program: Program, params: Any, grads: Any, checked: list,
         return  # step counts differ between arrays
     backend = get_backend(backends.pop())
     try:
-        launch = backend.prepare(program, jobs)
+        launch = backend.prepare(program, jobs, one_array=True) if single else backend.prepare(program, jobs)
     except MemoryError:  # the update itself is done: only its repetition stays unprepared
         return
     if launch is None:
         return
     param_kind = _ArrayKind(param_types.pop(), launch.pointer)
     grad_kind = _ArrayKind(grad_types.pop(), launch.pointer)
-    opt.__dict__["_prepared"] = PreparedUpdate(opt, program, p, g, jobs, launch, param_kind, grad_kind)
+    if single:
+        opt.__dict__["_prepared"] = PreparedSingle(opt, program, params, grads, jobs, launch, param_kind, grad_kind)
+    else:
+        opt.__dict__["_prepared"] = PreparedUpdate(opt, program, p, g, jobs, launch, param_kind, grad_kind)

@@ -227,12 +227,19 @@ class KernelBackend:
                 for run_launch in launches:
                     run_launch()
 
-    def prepare(self, program: Program, jobs: Sequence[Job]) -> PreparedKernels | None:
+    def prepare(self, program: Program, jobs: Sequence[Job], one_array: bool = False) -> Any:
         """Launches for repeating this update on the same parameters: tables are built now
         (owned by the launchers), and each call only launches, with one row of host scalars
-        shared by every array. None if an array needs a contiguous copy."""
+        shared by every array. None if an array needs a contiguous copy.
+
+        ``one_array`` (an update of one array, not a collection): prepared only by a device
+        with a launch of its own for it (the native CPU's ``prepare_one``); a GPU keeps one
+        element-wise launch on the full path."""
         if not all(_direct(job.x) and _direct(job.g) for job in jobs):
             return None
+        if one_array:
+            prepare_one = getattr(self.device, "prepare_one", None)
+            return None if prepare_one is None else prepare_one(self, program, jobs[0])
         place = self.placement
         index = {id(job): i for i, job in enumerate(jobs)}
         parts = []
