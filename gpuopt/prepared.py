@@ -221,18 +221,18 @@ def try_prepared(opt: Rule, params: Any, grads: Any) -> bool:
     prepared = opt.__dict__.get("_prepared") if isinstance(opt, Rule) else None
     if prepared is None:
         return False
+    if type(prepared) is PreparedSingle:  # (first: one array's update is the cheap one)
+        if not prepared.try_single(opt, params, grads):
+            return False
+        PATHS["prepared"] += 1
+        return True
+    if not isinstance(prepared, PreparedUpdate):
+        return False  # (a _SingleSeen)
     if isinstance(params, dict):
         if not isinstance(grads, dict) or list(params) != list(grads):
             return False
         params, grads = list(params.values()), list(grads.values())
-    elif not isinstance(params, (list, tuple)):
-        if type(prepared) is not PreparedSingle or not prepared.try_single(opt, params, grads):
-            return False
-        PATHS["prepared"] += 1
-        return True
-    elif not isinstance(grads, (list, tuple)):
-        return False
-    if not isinstance(prepared, PreparedUpdate) or type(prepared) is PreparedSingle:
+    elif not (isinstance(params, (list, tuple)) and isinstance(grads, (list, tuple))):
         return False
     if not prepared.try_step(opt, params, grads):
         return False
