@@ -15,6 +15,10 @@ parameters, so while it lives their ids cannot have been reused; gradient ids pr
 only while the gradients they were read from are alive. Any other
 change of state (another update or apply, reset, a checkpoint load) bumps the rules'
 ``state_version``, which makes it stale.
+
+One array updated alone, again and again, is prepared as a collection of one
+(:class:`PreparedSingle`) where the backend prepares single arrays (the native CPU; a GPU keeps
+its element-wise launch on the full path), from its second call in a row.
 """
 
 from __future__ import annotations
