@@ -210,14 +210,12 @@ class PreparedSingle(PreparedUpdate):
         return self.try_step(opt, (x,), (g,))
 
 
-class _SingleSeen:
-    """The last array updated alone, by the full path: prepared if the next call repeats it (a
-    loop over many arrays, one call each, would otherwise prepare at every call)."""
+class _SingleSeen(weakref.ref):
+    """The last array updated alone, by the full path (a weak reference to it): prepared if
+    the next call repeats it (a loop over many arrays, one call each, would otherwise prepare
+    at every call)."""
 
-    __slots__ = ("param",)
-
-    def __init__(self, x: Any):
-        self.param = weakref.ref(x)
+    __slots__ = ()
 
 
 def try_prepared(opt: Rule, params: Any, grads: Any) -> bool:
@@ -255,7 +253,7 @@ def prepare(opt: Rule, program: Program, params: Any, grads: Any, checked: list,
     if single:
         if not (isinstance(params, np.ndarray) and isinstance(grads, np.ndarray)):
             return
-        if not (isinstance(seen, _SingleSeen) and seen.param() is params):
+        if not (type(seen) is _SingleSeen and seen() is params):
             opt.__dict__["_prepared"] = _SingleSeen(params)
             return
     p = [params] if single else list(params.values()) if isinstance(params, dict) else list(params)
