@@ -133,12 +133,12 @@ def update(opt: Rule, params: Any, grads: Any) -> None:
     Every check runs before any write, so a failing call changes nothing. Calls through one
     optimiser from several threads run one at a time.
     """
-    with guarded(opt):
-        _update(opt, params, grads)
+    with guarded(opt) as leaves:
+        _update(opt, leaves, params, grads)
 
 
-def _update(opt: Rule, params: Any, grads: Any) -> None:
-    if try_prepared(opt, params, grads):
+def _update(opt: Rule, leaves: tuple[Rule, ...], params: Any, grads: Any) -> None:
+    if try_prepared(opt, leaves, params, grads):
         return
     checked = _checked(opt, _entries(params, grads), writes_x=True)
     if not checked:

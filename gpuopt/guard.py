@@ -9,6 +9,8 @@ so a call that raises leaves the optimiser exactly as it was.
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import rule as _rule
 from .rule import Rule, holding
 
@@ -30,24 +32,24 @@ class guarded:
     __slots__ = ("rule", "lock", "saved", "outer")
 
     def __init__(self, opt: object):
-        self.rule = opt if isinstance(opt, Rule) else check_optimiser(opt)
+        self.rule = check_optimiser(opt)
         self.lock = holding(self.rule)
+        self.saved: list[tuple[Rule, dict]] = []
+        self.outer: Any = None
 
-    def __enter__(self) -> None:
-        # (every update enters here: written for its host cost, a few attribute reads)
-        lock = self.lock
-        lock.__enter__()
+    def __enter__(self) -> tuple[Rule, ...]:
+        """Returns ``opt.leaves()``: the rules whose locks it holds."""
+        self.lock.__enter__()
         # Under the lock, no other call is changing these rules. Attributes are copied (a few
         # each); state maps only log what this call adds, which is nothing on a repeated step.
-        self.saved = [(r, r.__dict__.copy()) for r in lock.rules]
-        changes = _changes
-        self.outer = changes.log
-        changes.log = []
+        self.saved = [(r, r.__dict__.copy()) for r in self.lock.rules]
+        self.outer = _rule.changes.log
+        _rule.changes.log = []
+        return self.lock.leaves
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
-        changes = _changes
-        log = changes.log
-        changes.log = self.outer
+        log = _rule.changes.log
+        _rule.changes.log = self.outer
         try:
             if kind is not None:
                 _rule.undo(log)
@@ -58,6 +60,3 @@ class guarded:
                 self.outer.extend(log)  # (a call inside another: the outer one may still undo it)
         finally:
             self.lock.__exit__()
-
-
-_changes = _rule.changes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,46 +51,41 @@ class Program:
         """e.g. "ClipValue > WeightDecay > ADAM", for messages and comments in kernels."""
         return " > ".join(self.rule_names) or "identity"
 
+    @functools.cached_property
+    def scalar_sources(self) -> tuple[tuple[int, str], ...]:
+        """(rule, name) of each host scalar, in kernel order."""
+        return tuple((ref.rule, ref.name) for ref in self.scalars)
+
     @property
     def scalar_count(self) -> int:
         """How many scalars the kernels take: the rules' host scalars, then hoisted values."""
         return len(self.scalars) + len(self.hoisted)
 
-    def host_scalars(self, leaves: tuple[Rule, ...], step_counts: tuple[int, ...]) -> list[float]:
-        """Run each rule's schedule for its next step, then the kernel's scalars: what
-        ``kernel_scalars`` makes of the rules' ``scalars(t)``. A rule that keeps Rule's own
-        ``scalars`` has its hyperparameters read straight from its attributes (an update's
-        host cost: building every rule's dictionary of scalars costs microseconds)."""
-        reads = self.__dict__.get("_scalar_reads")
-        if reads is None:  # (one set of rule classes per program: the first leaves tell)
-            reads = self.__dict__["_scalar_reads"] = _scalar_reads(self, leaves)
-        values: list[Any] = [0.0] * len(self.scalars)
-        for leaf, t, (generic, schedules, extras, positions) in zip(leaves, step_counts, reads):
-            if generic:
-                leaf.schedule(t)
-                found = leaf.scalars(t)
-                for position, name in positions:
-                    values[position] = found[name]
-                continue
-            if schedules:
-                leaf.schedule(t)
-            attributes = leaf.__dict__
-            if extras:
-                extra = leaf.extra_scalars(t)
-                for position, name in positions:
-                    values[position] = extra[name] if name in extra else float(attributes[name])
-            else:
-                for position, name in positions:
-                    values[position] = float(attributes[name])
-        return self.kernel_scalars(values) if self.hoisted else values
-
     def kernel_scalars(self, values: list[float]) -> list[float]:
         """``values`` (one per entry of ``scalars``) followed by the hoisted values, in float64."""
+        return self._hoisted_function(values)
+
+    @functools.cached_property
+    def _hoisted_function(self) -> Callable[[list[float]], list[float]]:
+        """:meth:`kernel_scalars` as one Python function, printed from the hoisted values'
+        graph once (interpreting the graph on every step cost more than the step's other host
+        work for a chain like ClipNorm > ADAM)."""
         steps, hoisted = self._hoisted_program
-        results = list(values)  # the host scalars, then each step's result
-        for op, args in steps:
-            results.append(op(*[results[a] if isinstance(a, int) else a[0] for a in args]))
-        return [*values, *(float(results[a]) if isinstance(a, int) else float(a[0]) for a in hoisted)]
+        names: dict[str, Any] = {}
+
+        def operand(a: int | tuple) -> str:
+            if isinstance(a, tuple):  # a constant
+                names[f"c{len(names)}"] = a[0]
+                return f"c{len(names) - 1}"
+            return f"values[{a}]" if a < len(self.scalars) else f"r{a}"
+
+        lines = ["def kernel_scalars(values):"]
+        for k, (op, args) in enumerate(steps):
+            names[f"op{k}"] = op
+            lines.append(f"    r{len(self.scalars) + k} = op{k}({', '.join(map(operand, args))})")
+        lines.append(f"    return [*values, {''.join(f'float({operand(a)}), ' for a in hoisted)}]")
+        exec("\n".join(lines), names)  # (our own text: operations and positions only)
+        return names["kernel_scalars"]
 
     @functools.cached_property
     def _hoisted_program(self) -> tuple[list[tuple[Any, tuple]], list[int | tuple]]:
@@ -298,22 +294,6 @@ _HOST_OPS = {
     "where": lambda c, a, b: a if c else b,
     "clamp": lambda a, lo, hi: _ieee(np.clip, a, lo, hi),
 }
-
-
-def _scalar_reads(program: Program, leaves: tuple[Rule, ...]) -> list[tuple[bool, bool, bool, list]]:
-    """Per rule of ``program`` (of ``leaves``' classes): whether its scalars need the generic
-    ``scalars(t)``, whether it has a schedule, whether it has extra scalars, and the
-    (position, name) of each scalar the kernel reads from it."""
-    reads = []
-    for index, leaf in enumerate(leaves):
-        cls = type(leaf)
-        positions = [(k, ref.name) for k, ref in enumerate(program.scalars) if ref.rule == index]
-        extras = cls.extra_scalars is not Rule.extra_scalars
-        hypers = {h.name for h in cls._hypers}
-        generic = (cls.scalars is not Rule.scalars or cls.hyperparameters is not Rule.hyperparameters
-                   or (not extras and any(name not in hypers for _, name in positions)))
-        reads.append((generic, cls.schedule is not Rule.schedule, extras, positions))
-    return reads
 
 
 _programs: dict[tuple, Program] = {}

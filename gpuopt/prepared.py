@@ -35,22 +35,33 @@ import numpy as np
 
 from .backends import get_backend
 from .backends.protocol import Job, PreparedLaunch
+from .identities import Identities
 from .memory import Disjoint
-from .plan import Program, plan
+from .plan import Program
 from .rule import Rule, StepCount
 
 #: how many update calls took each path ("prepared" or "full"); tests and benchmarks read it
 PATHS: Counter[str] = Counter()
 
 
-def step_scalars(program: Program, leaves: tuple[Rule, ...], step_counts: tuple[int, ...]) -> list[float]:
-    """Run each rule's schedule for its next step, then collect the kernel's scalars."""
-    return program.host_scalars(leaves, step_counts)
+def step_scalars(program: Program, leaves: Sequence[Rule], step_counts: Sequence[int]) -> list[float]:
+    """Run each rule's schedule for its next step, then collect the kernel's scalars: each
+    is a value of its rule's :meth:`~gpuopt.rule.Rule.extra_scalars` or else a hyperparameter
+    (what :meth:`~gpuopt.rule.Rule.scalars` gives, without building every rule's whole dict)."""
+    extras = []
+    for leaf, t in zip(leaves, step_counts):
+        leaf.schedule(t)
+        extras.append(leaf.extra_scalars(t))
+    return program.kernel_scalars([extras[rule][name] if name in extras[rule] else float(getattr(leaves[rule], name))
+                                   for rule, name in program.scalar_sources])
 
 
 #: fast address readers for array types other than CuPy's and PyTorch's (the host-time
 #: benchmark's stand-in for device memory registers one)
 POINTER_READERS: dict[type, Callable[[Any], int]] = {}
+
+
+_state_version = attrgetter("state_version")
 
 
 def _writeable(array: Any) -> bool:
@@ -103,7 +114,7 @@ class PreparedUpdate:
                  launch: PreparedLaunch, param_kind: _ArrayKind, grad_kind: _ArrayKind):
         self.program = program
         self.leaves = opt.leaves()
-        self.versions = tuple(leaf.state_version for leaf in self.leaves)
+        self.versions = list(map(_state_version, self.leaves))
         self.launch = launch
         self.param_kind, self.grad_kind = param_kind, grad_kind
         owner = weakref.ref(opt)
@@ -115,7 +126,7 @@ class PreparedUpdate:
 
         self._forget = forget
         self._params_alive = [weakref.ref(p, forget) for p in params]
-        self.param_ids = tuple(map(id, params))
+        self.param_ids = Identities(params)
         # A torch parameter keeps its identity when its storage is replaced (p.data = ...).
         self.param_pointers = param_kind.pointers(params) if param_kind.torch else None
         # Host memory that native code writes through raw pointers, ignoring the flag (not a
@@ -124,6 +135,7 @@ class PreparedUpdate:
         self.grad_types = list(map(type, grads))
         self.grad_layouts = grad_kind.layouts(grads)
         self.param_memory = Disjoint([job.x for job in jobs], [job.g for job in jobs])  # new gradients: apart
+        self.grad_ids = Identities(grads)
         self._use_gradients(grads)
         # One step count per rule for every array of the update: they step together.
         self.counters = []
@@ -139,12 +151,13 @@ class PreparedUpdate:
         step), only stop the ids from proving identity."""
         self.grads_alive = True
         self._grad_refs = list(map(weakref.ref, grads, repeat(self._gradient_died)))
-        self.grad_ids = tuple(map(id, grads))
+        self.grad_ids.remember(grads)
+        self.first_grad_id = id(grads[0])
 
     def _gradient_died(self, _: object) -> None:
         self.grads_alive = False
 
-    def _take_gradients(self, grads: Sequence[Any], ids: tuple[int, ...]) -> bool:
+    def _take_gradients(self, grads: Sequence[Any]) -> bool:
         """Swap in new gradient arrays if each is like the one it replaces; False, changing
         nothing, if any is not (None, another dtype, shape, layout or device)."""
         if list(map(type, grads)) != self.grad_types or not self.grad_kind.same_layouts(grads, self.grad_layouts):
@@ -153,31 +166,33 @@ class PreparedUpdate:
         if self.param_memory.meets(pointers):
             return False  # (the full path names the arrays that share memory, and refuses them)
         self.launch.set_gradient_pointers(pointers)
-        if ids == self.grad_ids:
+        self._grad_refs = []
+        self.grads_alive = False
+        if id(grads[0]) != self.first_grad_id:  # (a cheap hint: new arrays, as most loops make every step)
+            self.first_grad_id = id(grads[0])
+            self.grad_ids.forget()
+        elif self.grad_ids.match(grads):
             # Checked twice under the same ids: likely persistent (PyTorch's .grad), so watch
             # them (weak references cost as much as checking them once).
             self._use_gradients(grads)
-        else:  # new arrays every step: watching them would cost more than it saves
-            self._grad_refs = []
-            self.grads_alive = False
-            self.grad_ids = ids
+        else:
+            self.grad_ids.remember(grads)
         return True
 
-    def try_step(self, opt: Rule, params: list, grads: Sequence[Any]) -> bool:
-        """Run the step if this call repeats the prepared one; False, changing nothing, if not."""
-        if (tuple(map(id, params)) != self.param_ids  # (None has its own id: never a match)
-                or opt.leaves() != self.leaves
-                or plan(opt) is not self.program
-                or tuple(leaf.state_version for leaf in self.leaves) != self.versions
+    def try_step(self, leaves: tuple[Rule, ...], params: list, grads: Sequence[Any]) -> bool:
+        """Run the step if this call repeats the prepared one (``leaves``: the optimiser's
+        rules now); False, changing nothing, if not."""
+        if (not self.param_ids.match(params)  # (None has its own id: never a match)
+                or leaves != self.leaves  # (the same rules: the same program, traced from their classes)
+                or list(map(_state_version, leaves)) != self.versions
                 or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)
                 or (self.writeable_flags and not all(map(_writeable, params)))):
             return False  # (a NumPy parameter made read-only since: the full path refuses it)
-        ids = tuple(map(id, grads))
-        if not (self.grads_alive and ids == self.grad_ids) and not self._take_gradients(grads, ids):
+        if not (self.grads_alive and self.grad_ids.match(grads)) and not self._take_gradients(grads):
             return False
         self.launch.check_launchable()  # (before the schedules run: a refused call changes nothing)
         counters = self.counters
-        self.launch(step_scalars(self.program, self.leaves, tuple(c.value + 1 for c in counters)))
+        self.launch(step_scalars(self.program, leaves, [c.value + 1 for c in counters]))
         for counter in counters:
             counter.value += 1
         return True
@@ -201,13 +216,13 @@ class PreparedSingle(PreparedUpdate):
         self.param_id, self.grad_type = id(x), type(g)
         self.layouts = (x.dtype, x.shape, x.strides, g.dtype, g.shape, g.strides)
 
-    def try_single(self, opt: Rule, x: Any, g: Any) -> bool:
-        """Run the step if ``update(opt, x, g)`` repeats the prepared one; False, changing
-        nothing, if not."""
+    def try_single(self, leaves: tuple[Rule, ...], x: Any, g: Any) -> bool:
+        """Run the step if ``update(opt, x, g)`` repeats the prepared one (``leaves``: the
+        optimiser's rules now); False, changing nothing, if not."""
         if (id(x) != self.param_id or type(g) is not self.grad_type
                 or (x.dtype, x.shape, x.strides, g.dtype, g.shape, g.strides) != self.layouts):
             return False
-        return self.try_step(opt, (x,), (g,))
+        return self.try_step(leaves, (x,), (g,))
 
 
 class _SingleSeen(weakref.ref):
@@ -218,13 +233,14 @@ class _SingleSeen(weakref.ref):
     __slots__ = ()
 
 
-def try_prepared(opt: Rule, params: Any, grads: Any) -> bool:
-    """Repeat the optimiser's prepared update if this call is the same; True if done."""
+def try_prepared(opt: Rule, leaves: tuple[Rule, ...], params: Any, grads: Any) -> bool:
+    """Repeat the optimiser's prepared update if this call is the same; True if done.
+    ``leaves`` are ``opt.leaves()``, as the caller found them."""
     prepared = opt.__dict__.get("_prepared") if isinstance(opt, Rule) else None
     if prepared is None:
         return False
     if type(prepared) is PreparedSingle:  # (first: one array's update is the cheap one)
-        if not prepared.try_single(opt, params, grads):
+        if not prepared.try_single(leaves, params, grads):
             return False
         PATHS["prepared"] += 1
         return True
@@ -236,7 +252,7 @@ def try_prepared(opt: Rule, params: Any, grads: Any) -> bool:
         params, grads = list(params.values()), list(grads.values())
     elif not (isinstance(params, (list, tuple)) and isinstance(grads, (list, tuple))):
         return False
-    if not prepared.try_step(opt, params, grads):
+    if not prepared.try_step(leaves, params, grads):
         return False
     PATHS["prepared"] += 1
     return True

@@ -525,7 +525,7 @@ class holding:
     refuses a chain that runs one rule object twice (see Optimiser).
     """
 
-    __slots__ = ("locks", "rules")
+    __slots__ = ("locks", "rules", "leaves")
 
     def __init__(self, opt: Rule, refuse_repeats: bool = True):
         leaves = opt.leaves()
@@ -540,6 +540,7 @@ class holding:
             if len(by_id) == len(leaves) + (opt not in leaves):  # (the leaves, not opt: no cycle)
                 opt.__dict__["_lock_plan"] = cached
         self.locks = cached[1]
+        self.leaves = leaves
         self.rules = leaves if opt in leaves else (opt, *leaves)  # what a call may change
 
     def __enter__(self) -> None:

@@ -12,13 +12,16 @@ import numpy as np
 import pytest
 
 import gpuopt
+from gpuopt import identities
 from gpuopt.__main__ import main
 from gpuopt.backends import backend_override
 from gpuopt.backends.kernel_backend import KernelBackend
 from gpuopt.bench.host import NoopDevice, host_benchmark
+from gpuopt.identities import Identities
 from gpuopt.prepared import PATHS
 
 from .cases import CHAINS, RULES
+from .toolchain import missing
 
 
 @pytest.fixture
@@ -144,6 +147,28 @@ def test_gradient_ids_prove_nothing_once_the_gradients_died(noop):
         gpuopt.update(opt, params, [np.ones(10, np.float32), np.ones((4, 5), np.float32)])
 
 
+def test_gradients_that_stop_changing_are_watched_again(noop):
+    """New arrays every step are checked every step without reading all their ids; once the
+    same arrays come back for a few steps they are watched again (no checks), and new ones
+    after that are checked again and read into the table."""
+    params = [np.zeros(n, np.float32) for n in (10, 20)]
+    opt = gpuopt.Descent(1.0)
+    steps = [_numpy_grads((10, 20)) for _ in range(3)]  # all alive: no id is reused
+    for grads in steps:
+        gpuopt.update(opt, params, grads)
+    prepared = vars(opt)["_prepared"]
+    assert not prepared.grads_alive and prepared.grad_ids.ids() is None  # new every step: ids not read
+    fixed = [np.full(10, 1.0, np.float32), np.full(20, 2.0, np.float32)]
+    for _ in range(3):
+        assert _paths(lambda: gpuopt.update(opt, params, fixed)) == {"full": 0, "prepared": 1}
+    assert prepared.grads_alive and prepared.grad_ids.ids() == (id(fixed[0]), id(fixed[1]))
+    grads = [fixed[0], np.full(20, 4.0, np.float32)]  # one new array among them
+    gpuopt.update(opt, params, grads)
+    assert not prepared.grads_alive
+    launcher = prepared.launch.parts[0].launchers[0][0]
+    np.testing.assert_array_equal(launcher.host[:, 1], [g.ctypes.data for g in grads])
+
+
 def test_bench_host_writes_json_with_host_targets(tmp_path, capsys):
     path = tmp_path / "host.json"
     status = main(["bench", "--host", "--host-calls", "5", "--host-many", "40", "--model-layers", "1",
@@ -185,3 +210,52 @@ def test_mixed_torch_tensor_classes_and_sequence_kinds_are_prepared(noop):
             gpuopt.update(opt, params, list(_torch_grads((10, 20))))  # a tuple of params, a list of grads
 
     assert _paths(loop) == {"full": 1, "prepared": 3}
+
+
+# -- the identity check of parameters and gradients ------------------------------------------
+
+ITEMS = [np.zeros(2), np.zeros(3), np.zeros(4), np.zeros(5)]
+OTHER = np.zeros(2)
+IDENTITY_CASES = {  # sequence -> whether it holds ITEMS
+    "the same list": (ITEMS, True),
+    "a copy of the list": (list(ITEMS), True),
+    "a tuple of them": (tuple(ITEMS), True),
+    "first replaced": ([OTHER, *ITEMS[1:]], False),
+    "middle replaced": ([*ITEMS[:2], OTHER, ITEMS[3]], False),
+    "last replaced": ([*ITEMS[:3], OTHER], False),
+    "an equal copy of one": ([ITEMS[0].copy(), *ITEMS[1:]], False),
+    "reordered": (ITEMS[::-1], False),
+    "one fewer": (ITEMS[:3], False),
+    "one more": ([*ITEMS, OTHER], False),
+    "empty": ([], False),
+    "a None among them": ([None, *ITEMS[1:]], False),
+}
+
+
+@pytest.fixture(params=["native", "python"])
+def identity_helper(request, monkeypatch):
+    if request.param == "native":
+        if identities.native_helper() is None:
+            missing("the identity helper could not be built (C++ compiler or Python.h missing)")
+    else:
+        monkeypatch.setattr(identities, "native_helper", lambda: None)
+    return request.param
+
+
+@pytest.mark.parametrize("case", IDENTITY_CASES)
+def test_identities_tell_the_same_objects_from_any_others(identity_helper, case):
+    items, same = IDENTITY_CASES[case]
+    remembered = Identities(ITEMS)
+    assert remembered.match(items) is same
+    assert remembered.ids() == tuple(map(id, ITEMS))
+    remembered.remember(items)  # any length: the new ones are matched from now on
+    assert remembered.match(items) and remembered.match(list(items))
+    assert not remembered.match([*items, OTHER])
+    remembered.forget()
+    assert not remembered.match(items) and remembered.ids() is None
+
+
+def test_identities_refuse_anything_but_a_list_or_tuple(identity_helper):
+    remembered = Identities(ITEMS)
+    assert not remembered.match(iter(ITEMS))
+    assert not remembered.match(dict.fromkeys(range(4)))
