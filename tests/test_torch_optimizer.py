@@ -213,6 +213,44 @@ def test_a_bad_parameter_in_any_group_fails_the_step_before_any_update():
     assert opt.param_groups[0]["rule"].state_for(model[0].weight) is None
 
 
+def _sparse_gradient(p):
+    p.grad = torch.zeros(3).to_sparse()
+
+
+def _resized_after_its_gradient(p):
+    p.grad = torch.ones(3)
+    p.data = torch.zeros(4)
+
+
+def _complex_parameter(p):
+    p.data = torch.zeros(3, dtype=torch.complex64)
+    p.grad = torch.ones(3, dtype=torch.complex64)
+
+
+BAD_PAIRS = {  # how a parameter goes bad -> the error that names it
+    "sparse gradient": (_sparse_gradient, TypeError, "has a sparse gradient"),
+    "resized after its gradient": (_resized_after_its_gradient, ValueError, r"has shape \(4,\) on cpu but its gradient"),
+    "complex": (_complex_parameter, TypeError, "has dtype torch.complex64"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PAIRS))
+def test_each_bad_pair_is_named_and_nothing_steps(case):
+    spoil, error, message = BAD_PAIRS[case]
+    model = _mlp("cpu")
+    good, bad = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    opt = gpuopt.torch.Optimizer([{"params": model.parameters()},
+                                  {"params": [good, bad], "rule": gpuopt.Descent(0.1)}], gpuopt.ADAM())
+    _loss(model, 0).backward()
+    good.grad = torch.ones(3)
+    opt.step()  # once well: the checks must hold on later steps too
+    spoil(bad)
+    before = [p.detach().clone() for p in [*model.parameters(), good]]
+    with pytest.raises(error, match=rf"param group 1 params\[1\] {message}"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip([*model.parameters(), good], before))
+
+
 # -- state_dict ---------------------------------------------------------------------------------
 
 ROUND_TRIPS = {
