@@ -206,9 +206,10 @@ def _family(kind: type) -> str:
 
 class PreparedSingle(PreparedUpdate):
     """One array's update prepared for repeating (a backend that prepares single arrays: the
-    native CPU), as a collection of one. A NumPy array may also change in place (``resize``,
-    or a new ``shape``, ``strides`` or ``dtype``) and stay the same object: the layouts of
-    the parameter and its gradient are checked first, and any change goes the full way."""
+    native CPU), as a collection of one. A NumPy array may also change in place and stay the
+    same object (a new ``shape``, ``strides`` or ``dtype``; NumPy refuses to ``resize`` an
+    array with weak references, as its state has): the layouts of the parameter and its
+    gradient are checked first, and any change goes the full way."""
 
     def __init__(self, opt: Rule, program: Program, x: Any, g: Any, jobs: Sequence[Job],
                  launch: PreparedLaunch, param_kind: _ArrayKind, grad_kind: _ArrayKind):

@@ -35,7 +35,7 @@ from ..dtypes import BFLOAT16
 from ..plan import Program
 from .cuda_source import CHUNK, MAX_THREADS, TABLE_COLUMNS, VEC, module_source
 from .numpy_backend import compute_dtype
-from .protocol import Job
+from .protocol import Job, PreparedLaunch
 from .strided import StridedKernel, strided_kernel
 
 THREADS_PER_BLOCK = MAX_THREADS  # the GPU launch shape (a power of two, at most MAX_THREADS)
@@ -227,7 +227,7 @@ class KernelBackend:
                 for run_launch in launches:
                     run_launch()
 
-    def prepare(self, program: Program, jobs: Sequence[Job], one_array: bool = False) -> Any:
+    def prepare(self, program: Program, jobs: Sequence[Job], one_array: bool = False) -> PreparedLaunch | None:
         """Launches for repeating this update on the same parameters: tables are built now
         (owned by the launchers), and each call only launches, with one row of host scalars
         shared by every array. None if an array needs a contiguous copy.
