@@ -1,7 +1,9 @@
 """The native CPU backend: C++ compiled from the printed step equals the NumPy executor bit for
 bit (every rule and chain, float16/32/64, empty, 0-d, strided and misaligned arrays,
 collections, any thread count), one call per dtype group, builds shared safely between
-processes, and the NumPy executor with a one-line notice where no compiler works.
+processes, and the NumPy executor with a one-line notice where no compiler works. One array
+updated again and again takes the prepared path, with the full path's results, and any change
+after it takes the full path (or raises its error, changing nothing).
 
 Modules are built once per session (in the session's GPUOPT_CACHE_DIR, see conftest.py),
 two at a time.
