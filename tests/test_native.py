@@ -520,6 +520,27 @@ def test_a_repeated_single_array_update_is_prepared_and_equals_the_full_path(cas
         assert counts == runs[2][2] == [7] * len(counts)
 
 
+@pytest.mark.parametrize("param, grad", [("float16", "float32"), ("float64", "float16"), ("float32", "float64")])
+def test_a_repeated_update_with_a_gradient_of_another_dtype_is_prepared(param, grad, use):
+    results = []
+    for on_native in (True, False):
+        use(on_native)
+        rng = np.random.default_rng(9)
+        opt = CHAINS["ClipValue+WeightDecay+ADAM"]()
+        x = rng.standard_normal(1001).astype(param)
+        paths, error = _paths(_steps_with_gradients_of, opt, x, grad, rng)
+        assert error is None
+        if on_native:
+            assert paths == {"full": 2, "prepared": 3}
+        results.append(x)
+    _same_bits(results[0], results[1], f"{param} with {grad} gradients")
+
+
+def _steps_with_gradients_of(opt, x, dtype, rng):
+    for _ in range(5):
+        gpuopt.update(opt, x, rng.standard_normal(x.shape).astype(dtype))
+
+
 def _layout_steps(opt, x, layout, rng):
     for _ in range(5):
         gpuopt.update(opt, x, LAYOUTS[layout](rng, np.float32))
