@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from . import __version__, bench, demo
+from . import __version__, bench, demo, rule_list
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo.add_parser(subparsers)
     bench.add_parser(subparsers)
+    rule_list.add_parser(subparsers)
     return parser
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gpuopt.bench.host import NoopDevice
+from gpuopt.backends.noop import NoopDevice
 
 
 class OnGpu(np.ndarray):

@@ -127,3 +127,92 @@ def test_capture_follow_and_upload(device):
 def test_placement_reads_the_arrays_device_and_address(device):
     array = SimpleNamespace(data=SimpleNamespace(ptr=1234, device_id=1))
     assert device.device_of(array) == 1 and device.pointer(array) == 1234
+
+
+# -- the benchmark on a GPU: timed through the backend's own device ---------------------------
+
+
+class FakeCupy:
+    """Enough of CuPy for the benchmark's Machine: NumPy arrays with a ``.data`` copy, events
+    that report 0.5 ms, one GPU's properties, memory pools that count their releases."""
+
+    def __init__(self):
+        self.log = []
+        log = self.log
+
+        class Event:
+            def record(self):
+                log.append("record")
+
+            def synchronize(self):
+                log.append("event sync")
+
+        class Gpu:
+            id = 0
+
+            def synchronize(self):
+                log.append("device sync")
+
+        props = {"name": b"Fake GPU", "totalGlobalMem": 80 << 30, "major": 9, "minor": 0, "multiProcessorCount": 132}
+        self.cuda = SimpleNamespace(
+            Event=Event, Device=Gpu, get_elapsed_time=lambda start, end: 0.5,
+            runtime=SimpleNamespace(getDeviceProperties=lambda i: props, runtimeGetVersion=lambda: 13000,
+                                    driverGetVersion=lambda: 13000))
+        self.random = SimpleNamespace(RandomState=lambda seed: np.random.default_rng(seed))
+        pool = SimpleNamespace(free_all_blocks=lambda: log.append("pool freed"))
+        self.get_default_memory_pool = lambda: pool
+
+    def ones(self, n, dtype):
+        return self._device_array(np.ones(n, dtype))
+
+    def zeros(self, n, dtype):
+        return self._device_array(np.zeros(n, dtype))
+
+    def _device_array(self, host):
+        array = SimpleNamespace(host=host)
+        array.data = SimpleNamespace(copy_from_device_async=lambda src, nbytes: np.copyto(host, src.array.host))
+        array.data.array = array
+        return array
+
+    def ElementwiseKernel(self, *args):  # noqa: N802 - cupy's name
+        self.log.append(("compiled", args[-1]))
+        return lambda src, dst: np.copyto(dst.host, src.host)
+
+
+def test_the_benchmark_times_the_gpu_through_the_backends_own_device(monkeypatch):
+    from gpuopt.backends import backend_override
+    from gpuopt.backends.kernel_backend import KernelBackend
+    from gpuopt.bench.devices import COPY_BYTES, Machine
+
+    monkeypatch.setitem(COPY_BYTES, "cupy", 1 << 12)
+    device = CupyDevice.__new__(CupyDevice)
+    device.xp = FakeCupy()
+    with backend_override("cupy", KernelBackend(device)):
+        machine = Machine("cupy")
+    assert machine.device is device and machine.xp is device.xp  # no second device
+    assert machine.describe()["name"] == "Fake GPU" and machine.describe()["compute_capability"] == "9.0"
+    ran = []
+    assert machine.elapsed(lambda: ran.append(1)) == 0.5e-3 and ran == [1]
+    assert device.xp.log[:4] == ["device sync", "record", "record", "event sync"]
+    copy = machine.copy_bandwidth(repeats=1)
+    assert set(copy["gbps_by_method"]) == {"cudaMemcpy", "copy kernel"}
+    assert copy["gbps"] == max(copy["gbps_by_method"].values()) and copy["buffer_bytes"] == 1 << 12
+    assert machine.random(5, np.dtype(np.float16), seed=1).dtype == np.float16
+    machine.release()
+    assert device.xp.log[-1] == "pool freed"
+
+
+@pytest.mark.parametrize("make", ["noop", "cupy", "native"])
+def test_every_device_implements_the_kernel_backends_device_protocol(make):
+    from gpuopt.backends.kernel_backend import Device
+    from gpuopt.backends.native_backend import NativeDevice
+    from gpuopt.backends.noop import NoopDevice
+
+    if make == "cupy":
+        device = CupyDevice.__new__(CupyDevice)
+        device.xp = FakeCupy()
+    else:
+        device = NoopDevice() if make == "noop" else NativeDevice("c++")
+    members = set(Device.__annotations__) | {name for name in vars(Device) if not name.startswith("_")}
+    assert {"xp", "threads", "max_blocks", "kernel", "pointer"} <= members
+    assert all(hasattr(device, name) for name in members), members - set(dir(device))

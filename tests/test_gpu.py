@@ -455,10 +455,33 @@ def test_state_and_launches_on_the_parameters_device():
 
 
 def test_host_benchmark_with_real_launches():
-    from gpuopt.bench.host import host_benchmark
+    from gpuopt.bench import host_benchmark
 
     report = host_benchmark(calls=5, layers=1, width=64, many=20, launches=True)
     assert report["device"]["backend"] == "host-cupy"
     for name in ("ADAM/same", "ADAM/new", "ADAM/new/20", "ClipNorm+ADAM/new"):
         assert report["cases"][name]["prepared_calls"] == 5, name
     assert all("host" in t["id"] for t in report["targets"])
+
+
+def test_benchmark_runs_on_the_gpu(tmp_path):
+    """A tiny ``python -m gpuopt bench`` on CuPy: CUDA events through the backend's device, the
+    copy bandwidth, the baselines, the model (with its host time) and the JSON."""
+    import json
+
+    from gpuopt.__main__ import main
+
+    path = tmp_path / "gpu.json"
+    argv = ["bench", "--backend", "cupy", "--sizes", "12", "--rules", "ADAM,Clip+WD+ADAM", "--repeats", "2",
+            "--warmup", "1", "--model-layers", "1", "--model-width", "64", "--quiet", "--json", str(path)]
+    assert main(argv) == 0
+    report = json.loads(path.read_text())
+    assert report["device"]["backend"] == "cupy" and report["config"]["timer"] == "CUDA events"
+    assert set(report["copy_bandwidth"]["gbps_by_method"]) == {"cudaMemcpy", "copy kernel"}
+    assert {r["rule"] for r in report["results"]} == {"ADAM", "ClipValue+WeightDecay+ADAM"}
+    assert all(r["time_s"] > 0 and "time_ratio" in r["baselines"]["unfused"] for r in report["results"])
+    variants = report["model"]["variants"]
+    assert variants["multi_tensor"]["host_time_us"] > 0 and variants["flat"]["time_s"] > 0
+    assert {t["id"] for t in report["targets"] if t["status"] != "not measured"} >= {"gpu_model_vs_flat",
+                                                                                     "gpu_host_time",
+                                                                                     "gpu_chain_vs_adam"}

@@ -16,7 +16,8 @@ from gpuopt import identities
 from gpuopt.__main__ import main
 from gpuopt.backends import backend_override
 from gpuopt.backends.kernel_backend import KernelBackend
-from gpuopt.bench.host import NoopDevice, host_benchmark
+from gpuopt.backends.noop import NoopDevice
+from gpuopt.bench import host_benchmark
 from gpuopt.identities import Identities
 from gpuopt.prepared import PATHS
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 from pathlib import Path
 
 import pytest
 
 from gpuopt.dispatch import gpu_available
-from gpuopt.rules import BUILT_IN
+from gpuopt.rule_list import kinds
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -51,6 +53,28 @@ def test_readme_pytorch_examples_run(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("name", [*BUILT_IN, "Optimiser"])
-def test_readme_lists_every_rule(name):
-    assert f"| `{name}(" in README.read_text()
+#: the README's table of rules: (name, parameters as written there)
+TABLE = re.findall(r"^\| `(\w+)\((.*?)\)` \|", README.read_text(), flags=re.M)
+
+
+def test_readme_has_a_table_of_rules_and_points_to_the_full_list():
+    assert len(TABLE) >= 12 and "python -m gpuopt rules" in README.read_text()
+
+
+@pytest.mark.parametrize("name, params", TABLE, ids=[name for name, _ in TABLE])
+def test_readme_table_shows_registered_rules_with_their_defaults(name, params):
+    """The table need not list every rule (``python -m gpuopt rules`` does), but what it shows
+    is true: a registered rule, its parameters in order, keyword-only ones after ``;``, and
+    their defaults."""
+    assert name in kinds(), f"the README's table shows {name}, which is not a registered rule"
+    _kind, cls = kinds()[name]
+    written = ast.parse(f"def f({params.replace('; ', ', *, ').replace('rules...', '*rules')}): pass").body[0].args
+    plain = written.posonlyargs + written.args
+    defaults = [inspect.Parameter.empty] * (len(plain) - len(written.defaults)) + written.defaults
+    readme = [(a.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, d) for a, d in zip(plain, defaults)]
+    if written.vararg:
+        readme.append((written.vararg.arg, inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.empty))
+    readme += [(a.arg, inspect.Parameter.KEYWORD_ONLY, d or inspect.Parameter.empty)
+               for a, d in zip(written.kwonlyargs, written.kw_defaults)]
+    actual = [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()]
+    assert [(n, k, d if d is inspect.Parameter.empty else ast.literal_eval(d)) for n, k, d in readme] == actual

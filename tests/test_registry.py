@@ -49,3 +49,18 @@ def test_plain_formula_has_the_rules_signature(name):
 def test_every_rule_is_checked_against_its_formula_and_run_on_kernels(name):
     assert any(names_in(spec) == [name] for spec in ORACLE_CASES.values())
     assert name in ALL
+
+
+def test_rules_command_lists_every_registered_rule(capsys):
+    import re
+
+    from gpuopt.__main__ import main
+
+    assert main(["rules"]) == 0
+    rows = [re.split(r"\s{2,}", line, maxsplit=2) for line in capsys.readouterr().out.splitlines()]
+    assert [row[0].split("(")[0] for row in rows] == [*BUILT_IN, "Optimiser"]
+    listed = {row[0]: row[1:] for row in rows}
+    assert listed["ADAM(eta=0.001, beta=(0.9, 0.999); eps=1e-08)"] == [
+        "optimiser", "ADAM with learning rate ``eta`` and moment decays ``beta = (b1, b2)``."]
+    assert listed["ClipValue(thresh)"] == ["transform", "Clip the update element-wise to ``[-thresh, thresh]``."]
+    assert listed["MixedPrecision(rule)"][0] == "wrapper" and listed["Optimiser(rules...)"][0] == "chain"

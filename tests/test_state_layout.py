@@ -9,7 +9,7 @@ import pytest
 import gpuopt
 from gpuopt.backends import backend_override
 from gpuopt.backends.kernel_backend import KernelBackend
-from gpuopt.bench.host import NoopDevice
+from gpuopt.backends.noop import NoopDevice
 
 
 def _layout(state):

@@ -1,140 +1,138 @@
-"""The performance targets, evaluated on a report: met, not met or not measured."""
+"""The performance targets, evaluated on a report: met, not met or not measured.
+
+Each target is one row: its id, the run that measures it (``cupy``: a GPU run, ``numpy``: a CPU
+run), what it asks, its limit, and how its value is read from the report (None where the run
+did not measure it).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from .report import format_time
 from .workload import CHAIN
 
+Value = Callable[[dict[str, Any]], "float | None"]
+#: the host-time limits: microseconds per update call, and ratios to ADAM on GPT-2 small
+HOST_US = {"same": 25.0, "new": 60.0}
+MANY_RATIO, CHAIN_RATIO = 2.0, 1.3
 
-def _find(report: dict[str, Any], rule: str, log2: int | None = None) -> dict[str, Any] | None:
-    matches = [r for r in report["results"] if r["rule"] == rule and (log2 is None or r["log2"] == log2)]
-    return max(matches, key=lambda r: r["log2"]) if matches else None
+
+def _row(report: dict[str, Any], rule: str, log2: int) -> dict[str, Any]:
+    return next((r for r in report["results"] if r["rule"] == rule and r["log2"] == log2), {})
+
+
+def _ratio(rule: str, log2: int, baseline: str) -> Value:
+    """gpuopt's time for ``rule`` at 2^log2 as a multiple of ``baseline``'s in the same run."""
+    return lambda report: _row(report, rule, log2).get("baselines", {}).get(baseline, {}).get("time_ratio")
+
+
+def _model(variant: str) -> Value:
+    """The model's one update call as a multiple of ``variant``'s time."""
+    def value(report: dict[str, Any]) -> float | None:
+        v = (report.get("model") or {}).get("variants") or {}
+        ours, theirs = v.get("multi_tensor", {}).get("time_s"), v.get(variant, {}).get("time_s")
+        return ours / theirs if ours and theirs else None
+    return value
+
+
+def _adam_copy(report: dict[str, Any]) -> float | None:
+    row = _row(report, "ADAM", 28)
+    return row["time_s"] / row["time_at_copy_bw_s"] if row else None
+
+
+def _chain_adam(report: dict[str, Any]) -> float | None:
+    """The chain's time as a multiple of ADAM's, at the largest size both ran."""
+    sizes = sorted({r["log2"] for r in report["results"]})
+    both = [(chain, adam) for chain, adam in ((_row(report, CHAIN, k), _row(report, "ADAM", k)) for k in sizes)
+            if chain and adam]
+    return both[-1][0]["time_s"] / both[-1][1]["time_s"] if both else None
+
+
+def _worst_plain(report: dict[str, Any]) -> float | None:
+    ratios = [r["baselines"].get("unfused", {}).get("time_ratio") for r in report["results"] if r["log2"] >= 16]
+    return max((ratio for ratio in ratios if ratio is not None), default=None)
+
+
+def _found(*path: str) -> Value:
+    def value(report: dict[str, Any]) -> float | None:
+        for key in path:
+            report = report.get(key) or {}
+        return report or None
+    return value
+
+
+#: (id, run, description, limit, value)
+TARGETS: list[tuple[str, str, str, float, Value]] = [
+    ("gpu_adam_copy_bandwidth", "cupy", "ADAM 2^28 float32 at most 1.1x the time of its bytes at copy bandwidth",
+     1.1, _adam_copy),
+    ("gpu_adam_vs_torch_fused", "cupy", "ADAM 2^28 float32 at most 1x the time of torch.optim.Adam(fused=True)",
+     1.0, _ratio("ADAM", 28, "torch_fused")),
+    ("gpu_model_vs_torch_fused", "cupy", "GPT-2 model ADAM at most 1x the time of torch.optim.Adam(fused=True)",
+     1.0, _model("torch_fused")),
+    ("gpu_model_vs_flat", "cupy", "150-tensor model at most 1.15x the time of one flat tensor of the same size",
+     1.15, _model("flat")),
+    ("gpu_host_time", "cupy", "host time per update call (multi-tensor model) at most 100 us",
+     100.0, _found("model", "variants", "multi_tensor", "host_time_us")),
+    ("gpu_chain_vs_adam", "cupy", f"{CHAIN} at most 1.05x the time of ADAM", 1.05, _chain_adam),
+    ("cpu_adam_vs_torch_fused", "numpy", "ADAM 2^24 float32 at most 1x the time of torch.optim.Adam(fused=True)",
+     1.0, _ratio("ADAM", 24, "torch_fused")),
+    ("cpu_model_vs_torch_fused", "numpy", "GPT-2 model ADAM at most 1x the time of torch.optim.Adam(fused=True)",
+     1.0, _model("torch_fused")),
+    ("cpu_rules_vs_plain", "numpy", "every rule at every size from 2^16 at most 1x the time of its plain formula",
+     1.0, _worst_plain),
+    ("cpu_small_descent", "numpy", "Descent on 2^10 elements at most 8x the time of the plain formula",
+     8.0, _ratio("Descent", 10, "unfused")),
+    ("cpu_first_build", "numpy", "first build of a native module within 3 s", 3.0,
+     _found("native_build", "first_build_s")),
+    ("cpu_cached_start", "numpy", "a native module from the cache within 50 ms", 0.05,
+     _found("native_build", "cached_start_s")),
+    ("numpy_adam_vs_plain", "numpy", "ADAM 2^24 float32 at most 0.4x the time of the plain-NumPy formula",
+     0.4, _ratio("ADAM", 24, "unfused")),
+]
+
+
+def target(tid: str, description: str, limit: float, value: float | None, why_not: str) -> dict[str, Any]:
+    """One target's outcome: ``why_not`` says why a value of None was not measured."""
+    status = "not measured" if value is None else "met" if value <= limit else "not met"
+    return {"id": tid, "description": description, "status": status, "value": value, "limit": limit,
+            "detail": why_not if value is None else ""}
 
 
 def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target as ``{"id", "description", "status", "value", "limit", "detail"}``, where
-    status is ``met``, ``not met`` or ``not measured`` (with the reason in ``detail``)."""
-    backend = report["device"]["backend"]
-    dtype = report["config"]["dtype"]
-    model = report.get("model") or {}
-    variants = model.get("variants") or {}
-    targets: list[dict[str, Any]] = []
+    """Each target of a rules report as ``{"id", "description", "status", "value", "limit", "detail"}``."""
+    backend, dtype = report["device"]["backend"], report["config"]["dtype"]
+    where = {"cupy": "GPU", "numpy": "CPU"}
+    out = []
+    for tid, needs, description, limit, value in TARGETS:
+        why_not = (f"needs a {where[needs]} ({needs}) run; this run used {backend}" if needs != backend else
+                   f"defined for float32; this run used {dtype}" if dtype != "float32" else
+                   "its sizes, rules or baselines were not in this run, or failed (see the notes)")
+        measured = value(report) if needs == backend and dtype == "float32" else None
+        out.append(target(tid, f"{where[needs]}: {description}", limit, measured, why_not))
+    return out
 
-    def target(tid: str, description: str, needs: str, check: Callable[[], tuple[float, str] | str],
-               limit: float, strict: bool = False) -> None:
-        value, detail = None, ""
-        if needs != backend:
-            status = "not measured"
-            detail = f"needs a {'GPU (cupy)' if needs == 'cupy' else 'NumPy'} run; this run used {backend}"
-        elif dtype != "float32":
-            status, detail = "not measured", f"defined for float32; this run used {dtype}"
-        else:
-            outcome = check()
-            if isinstance(outcome, str):
-                status, detail = "not measured", outcome
-            else:
-                value, detail = outcome
-                ok = value < limit if strict else value <= limit
-                status = "met" if ok else "not met"
-        targets.append({"id": tid, "description": description, "status": status, "value": value,
-                        "limit": limit, "detail": detail})
 
-    def adam_copy() -> tuple[float, str] | str:
-        r = _find(report, "ADAM", 28)
-        if r is None:
-            return "ADAM at 2^28 was not measured (--sizes must include 28, --rules ADAM)"
-        ratio = r["time_s"] / r["time_at_copy_bw_s"]
-        return ratio, (f"{format_time(r['time_s'])} per step vs {format_time(r['time_at_copy_bw_s'])} "
-                       f"at copy bandwidth ({r['pct_copy']:.1f}% of copy)")
+def host_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The host-time targets of a ``--host`` report."""
+    cases, config = report["cases"], report["config"]
+    us = {name: case["host_time_us"] for name, case in cases.items()}
 
-    def against(rule: str, log2: int, baseline: str, name: str, why: str, extra: str = ""
-                ) -> Callable[[], tuple[float, str] | str]:
-        """gpuopt's time for ``rule`` at 2^log2 as a multiple of ``baseline``'s (``name``)."""
-        def check() -> tuple[float, str] | str:
-            r = _find(report, rule, log2)
-            if r is None:
-                return f"{rule} at 2^{log2} was not measured (--sizes must include {log2}, --rules {rule})"
-            base = r["baselines"].get(baseline, {})
-            if "time_s" not in base:
-                return f"{name} not measured ({base.get('error', why)})"
-            return r["time_s"] / base["time_s"], (f"gpuopt {format_time(r['time_s'])} vs {name} "
-                                                  f"{format_time(base['time_s'])}{extra}")
-        return check
+    def ratio(case: str, base: str) -> float | None:
+        return us[case] / us[base] if case in us and base in us else None
 
-    def model_torch() -> tuple[float, str] | str:
-        if "multi_tensor" not in variants or "time_s" not in variants.get("torch_fused", {}):
-            return "model comparison with torch fused Adam not measured"
-        a, b = variants["multi_tensor"]["time_s"], variants["torch_fused"]["time_s"]
-        return a / b, f"gpuopt {format_time(a)} vs torch fused {format_time(b)} ({model['tensors']} tensors)"
-
-    def model_flat() -> tuple[float, str] | str:
-        if "multi_tensor" not in variants or "flat" not in variants:
-            return "model comparison not measured (--model)"
-        a, b = variants["multi_tensor"]["time_s"], variants["flat"]["time_s"]
-        return a / b, f"{model['tensors']} tensors {format_time(a)} vs one flat tensor {format_time(b)}"
-
-    def host_time() -> tuple[float, str] | str:
-        host = variants.get("multi_tensor", {}).get("host_time_s")
-        if host is None:
-            return "host time not measured (--model)"
-        return host * 1e6, f"median host time of update() on {model['tensors']} tensors, no sync"
-
-    def chain_adam() -> tuple[float, str] | str:
-        common = {r["log2"] for r in report["results"] if r["rule"] == "ADAM"} & {
-            r["log2"] for r in report["results"] if r["rule"] == CHAIN}
-        if not common:
-            return f"ADAM and {CHAIN} not both measured"
-        k = max(common)
-        a, b = _find(report, CHAIN, k)["time_s"], _find(report, "ADAM", k)["time_s"]
-        return a / b, f"at 2^{k}: chain {format_time(a)} vs ADAM {format_time(b)}"
-
-    def cpu_rules_plain() -> tuple[float, str] | str:
-        rows = [r for r in report["results"] if r["log2"] >= 16 and "time_s" in r["baselines"].get("unfused", {})]
-        if not rows:
-            return "no rule measured with its plain formula from 2^16 up"
-        worst = max(rows, key=lambda r: r["time_s"] / r["baselines"]["unfused"]["time_s"])
-        ratio = worst["time_s"] / worst["baselines"]["unfused"]["time_s"]
-        return ratio, f"slowest relative to its plain formula: {worst['rule']} at 2^{worst['log2']} ({len(rows)} rows)"
-
-    def cpu_build(which: str) -> Callable[[], tuple[float, str] | str]:
-        def check() -> tuple[float, str] | str:
-            builds = report.get("native_build")
-            if not builds:
-                return "NumPy arrays did not run on native code in this run"
-            return builds[which], "one ADAM module, a fresh cache folder" if which == "first_build_s" else \
-                "ADAM module from the cache, compiler version asked anew"
-        return check
-
-    threads = report["device"].get("threads")
-    target("gpu_adam_copy_bandwidth", "GPU: ADAM 2^28 float32 at most 1.1x the time of its bytes at copy bandwidth",
-           "cupy", adam_copy, 1.1)
-    target("gpu_adam_vs_torch_fused", "GPU: ADAM 2^28 float32 at most 1x the time of torch.optim.Adam(fused=True)",
-           "cupy", against("ADAM", 28, "torch_fused", "torch fused", "PyTorch with CUDA not importable"), 1.0)
-    target("gpu_model_vs_torch_fused", "GPU: GPT-2 model ADAM at most 1x the time of torch.optim.Adam(fused=True)",
-           "cupy", model_torch, 1.0)
-    target("gpu_model_vs_flat", "GPU: 150-tensor model at most 1.15x the time of one flat tensor of the same size",
-           "cupy", model_flat, 1.15)
-    target("gpu_host_time", "GPU: host time per update call (multi-tensor model) under 100 us",
-           "cupy", host_time, 100.0, strict=True)
-    target("gpu_chain_vs_adam", f"GPU: {CHAIN} at most 1.05x the time of ADAM",
-           "cupy", chain_adam, 1.05)
-    target("cpu_adam_vs_torch_fused", "CPU: ADAM 2^24 float32 at most 1x the time of torch.optim.Adam(fused=True)",
-           "numpy", against("ADAM", 24, "torch_fused", "torch fused", "PyTorch not importable",
-                            f", {threads} threads each"), 1.0)
-    target("cpu_model_vs_torch_fused", "CPU: GPT-2 model ADAM at most 1x the time of torch.optim.Adam(fused=True)",
-           "numpy", model_torch, 1.0)
-    target("cpu_rules_vs_plain", "CPU: every rule at every size from 2^16 at most 1x the time of its plain formula",
-           "numpy", cpu_rules_plain, 1.0)
-    target("cpu_small_descent", "CPU: Descent on 2^10 elements at most 8x the time of the plain formula",
-           "numpy", against("Descent", 10, "unfused", "plain NumPy", "--baselines"), 8.0)
-    target("cpu_first_build", "CPU: first build of a native module within 3 s",
-           "numpy", cpu_build("first_build_s"), 3.0)
-    target("cpu_cached_start", "CPU: a native module from the cache within 50 ms",
-           "numpy", cpu_build("cached_start_s"), 0.05)
-    target("numpy_adam_vs_plain", "NumPy: ADAM 2^24 float32 at most 0.4x the time of the plain-NumPy formula",
-           "numpy", against("ADAM", 24, "unfused", "plain NumPy", "--baselines"), 0.4)
-    return targets
-
+    out = []
+    for kind, limit in HOST_US.items():
+        for prefix, who in (("", "arrays"), ("torch ", "PyTorch tensors")):
+            out.append(target(f"host_{prefix.replace(' ', '_')}gpt2_adam_{kind}_grads_us",
+                              f"host: GPT-2 small ({config['tensors']} tensors) ADAM, {kind} gradient {who} every "
+                              f"step, at most {limit:g} us per update", limit, us.get(f"{prefix}ADAM/{kind}"),
+                              "PyTorch is not importable" if prefix else "not measured"))
+        out.append(target(f"host_{config['many']}_tensors_{kind}_grads_ratio", f"host: {config['many']} tensors at "
+                          f"most {MANY_RATIO:g}x the time of GPT-2 small's ({kind} gradients)", MANY_RATIO,
+                          ratio(f"ADAM/{kind}/{config['many']}", f"ADAM/{kind}"), "not measured"))
+        for chain in config["rules"][1:]:
+            out.append(target(f"host_{chain.lower().replace('+', '_')}_vs_adam_{kind}_grads_ratio",
+                              f"host: {chain} at most {CHAIN_RATIO:g}x the time of ADAM ({kind} gradients)",
+                              CHAIN_RATIO, ratio(f"{chain}/{kind}", f"ADAM/{kind}"), "not measured"))
+    return out
