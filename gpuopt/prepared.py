@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from . import rule as rule_module
 from .backends import get_backend
 from .backends.protocol import Job, PreparedLaunch
 from .identities import Identities
@@ -115,6 +116,7 @@ class PreparedUpdate:
         self.program = program
         self.leaves = opt.leaves()
         self.versions = list(map(_state_version, self.leaves))
+        self.state_edits = rule_module.state_edits
         self.launch = launch
         self.param_kind, self.grad_kind = param_kind, grad_kind
         owner = weakref.ref(opt)
@@ -185,6 +187,7 @@ class PreparedUpdate:
         if (not self.param_ids.match(params)  # (None has its own id: never a match)
                 or leaves != self.leaves  # (the same rules: the same program, traced from their classes)
                 or list(map(_state_version, leaves)) != self.versions
+                or rule_module.state_edits != self.state_edits  # (a step count set by hand)
                 or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)
                 or (self.writeable_flags and not all(map(_writeable, params)))):
             return False  # (a NumPy parameter made read-only since: the full path refuses it)

@@ -170,8 +170,15 @@ class ParamState:
 
     @t.setter
     def t(self, value: int) -> None:
-        # A private count again: setting one array's count never moves the arrays it shared with.
+        # A private count again: setting one array's count never moves the arrays it shared
+        # with; and every prepared update is stale (its arrays shared one count).
+        global state_edits
         self.count = StepCount(value)
+        state_edits += 1
+
+
+#: how many times a step count was set from outside (prepared updates made before are stale)
+state_edits = 0
 
 
 def _memory_of(key: object) -> tuple[object, tuple] | None:
