@@ -20,7 +20,7 @@ from .guard import guarded
 from .memory import check_overlaps
 from .plan import Program, plan
 from .prepared import PATHS, prepare, step_scalars, try_prepared
-from .rule import ParamState, Rule
+from .rule import ParamState, Rule, StepCount
 
 
 def _entries(params: Any, grads: Any) -> list[tuple[str, object, object]]:
@@ -122,7 +122,8 @@ def _count_step(opt: Rule, jobs: list[Job]) -> None:
     for leaf in opt.leaves():
         leaf.state_version += 1  # a prepared update of any optimiser sharing it is stale now
         for job in jobs:
-            leaf.state_for(job.key).t += 1
+            state = leaf.state_for(job.key)
+            state.count = StepCount(state.count.value + 1)  # (a private count: see ParamState.t)
 
 
 def update(opt: Rule, params: Any, grads: Any) -> None:

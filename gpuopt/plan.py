@@ -183,7 +183,7 @@ class _ScalarView:
 
 def structure_key(rule: Rule) -> tuple:
     """What a traced program depends on: the classes of the rules it runs, in order."""
-    return tuple(type(leaf) for leaf in rule.leaves())
+    return tuple(map(type, rule.leaves()))
 
 
 def _trace(leaves: tuple[Rule, ...]) -> Program:
@@ -302,7 +302,7 @@ _programs: dict[tuple, Program] = {}
 def plan(rule: Rule) -> Program:
     """The traced program of ``rule``, cached on its structure, never on hyperparameter values."""
     leaves = rule.leaves()
-    key = structure_key(rule)
+    key = tuple(map(type, leaves))  # (structure_key, without asking for the leaves twice)
     program = _programs.get(key)
     if program is None:
         # Threads may trace the same structure at once (each into its own graph): the first

@@ -15,6 +15,10 @@ parameters, so while it lives their ids cannot have been reused; gradient ids pr
 only while the gradients they were read from are alive. Any other
 change of state (another update or apply, reset, a checkpoint load) bumps the rules'
 ``state_version``, which makes it stale.
+
+One array updated alone, again and again, is prepared as a collection of one
+(:class:`PreparedSingle`) where the backend prepares single arrays (the native CPU; a GPU keeps
+its element-wise launch on the full path), from its second call in a row.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from . import rule as rule_module
 from .backends import get_backend
 from .backends.protocol import Job, PreparedLaunch
 from .identities import Identities
@@ -111,6 +116,7 @@ class PreparedUpdate:
         self.program = program
         self.leaves = opt.leaves()
         self.versions = list(map(_state_version, self.leaves))
+        self.state_edits = rule_module.state_edits
         self.launch = launch
         self.param_kind, self.grad_kind = param_kind, grad_kind
         owner = weakref.ref(opt)
@@ -181,6 +187,7 @@ class PreparedUpdate:
         if (not self.param_ids.match(params)  # (None has its own id: never a match)
                 or leaves != self.leaves  # (the same rules: the same program, traced from their classes)
                 or list(map(_state_version, leaves)) != self.versions
+                or rule_module.state_edits != self.state_edits  # (a step count set by hand)
                 or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)
                 or (self.writeable_flags and not all(map(_writeable, params)))):
             return False  # (a NumPy parameter made read-only since: the full path refuses it)
@@ -200,12 +207,72 @@ def _family(kind: type) -> str:
     return module if module in ("torch", "cupy") else f"{kind.__module__}.{kind.__qualname__}"
 
 
+class PreparedSingle(PreparedUpdate):
+    """One array's update prepared for repeating (a backend that prepares single arrays: the
+    native CPU), as a collection of one. A NumPy array may also change in place and stay the
+    same object (a new ``shape``, ``strides`` or ``dtype``; NumPy refuses to ``resize`` an
+    array with weak references, as its state has): the layouts of the parameter and its
+    gradient are checked first, and any change goes the full way."""
+
+    def __init__(self, opt: Rule, program: Program, x: Any, g: Any, jobs: Sequence[Job],
+                 launch: PreparedLaunch, param_kind: _ArrayKind, grad_kind: _ArrayKind):
+        super().__init__(opt, program, [x], [g], jobs, launch, param_kind, grad_kind)
+        self.param_ids, self.grad_ids = _OneIdentity([x]), _OneIdentity([g])  # (cheaper than a call into C)
+        self.param_id, self.grad_type = id(x), type(g)
+        self.layouts = (x.dtype, x.shape, x.strides, g.dtype, g.shape, g.strides)
+
+    def try_single(self, leaves: tuple[Rule, ...], x: Any, g: Any) -> bool:
+        """Run the step if ``update(opt, x, g)`` repeats the prepared one (``leaves``: the
+        optimiser's rules now); False, changing nothing, if not."""
+        if (id(x) != self.param_id or type(g) is not self.grad_type
+                or (x.dtype, x.shape, x.strides, g.dtype, g.shape, g.strides) != self.layouts):
+            return False
+        return self.try_step(leaves, (x,), (g,))
+
+
+class _OneIdentity:
+    """:class:`~gpuopt.identities.Identities` for sequences of one item, in Python (for one
+    item, cheaper than a call to the helper)."""
+
+    __slots__ = ("_id",)
+
+    def __init__(self, items: Sequence[Any]):
+        self.remember(items)
+
+    def remember(self, items: Sequence[Any]) -> None:
+        self._id = id(items[0]) if len(items) == 1 else None
+
+    def forget(self) -> None:
+        self._id = None
+
+    def match(self, items: Sequence[Any]) -> bool:
+        return len(items) == 1 and id(items[0]) == self._id
+
+    def ids(self) -> tuple[int, ...] | None:
+        return None if self._id is None else (self._id,)
+
+
+class _SingleSeen(weakref.ref):
+    """The last array updated alone, by the full path (a weak reference to it): prepared if
+    the next call repeats it (a loop over many arrays, one call each, would otherwise prepare
+    at every call)."""
+
+    __slots__ = ()
+
+
 def try_prepared(opt: Rule, leaves: tuple[Rule, ...], params: Any, grads: Any) -> bool:
     """Repeat the optimiser's prepared update if this call is the same; True if done.
     ``leaves`` are ``opt.leaves()``, as the caller found them."""
     prepared = opt.__dict__.get("_prepared") if isinstance(opt, Rule) else None
     if prepared is None:
         return False
+    if type(prepared) is PreparedSingle:  # (first: one array's update is the cheap one)
+        if not prepared.try_single(leaves, params, grads):
+            return False
+        PATHS["prepared"] += 1
+        return True
+    if not isinstance(prepared, PreparedUpdate):
+        return False  # (a _SingleSeen)
     if isinstance(params, dict):
         if not isinstance(grads, dict) or list(params) != list(grads):
             return False
@@ -220,12 +287,20 @@ def try_prepared(opt: Rule, leaves: tuple[Rule, ...], params: Any, grads: Any) -
 
 def prepare(opt: Rule, program: Program, params: Any, grads: Any, checked: list, jobs: Sequence[Job]) -> None:
     """Keep what it takes to repeat this call: collections on a backend that prepares, whose
-    arrays all step together, of one array type each for parameters and gradients."""
-    opt.__dict__.pop("_prepared", None)
-    if not isinstance(params, (list, tuple, dict)) or not jobs:
+    arrays all step together, of one array type each for parameters and gradients; one NumPy
+    array on a backend that prepares single arrays, from its second call in a row."""
+    seen = opt.__dict__.pop("_prepared", None)
+    if not jobs:
         return
-    p = list(params.values()) if isinstance(params, dict) else list(params)
-    g = list(grads.values()) if isinstance(grads, dict) else list(grads)
+    single = not isinstance(params, (list, tuple, dict))
+    if single:
+        if not (isinstance(params, np.ndarray) and isinstance(grads, np.ndarray)):
+            return
+        if not (type(seen) is _SingleSeen and seen() is params):
+            opt.__dict__["_prepared"] = _SingleSeen(params)
+            return
+    p = [params] if single else list(params.values()) if isinstance(params, dict) else list(params)
+    g = [grads] if single else list(grads.values()) if isinstance(grads, dict) else list(grads)
     if any(x is None for x in g) or len(checked) != len(p):
         return
     backends = {x.backend for _, x, _ in checked}
@@ -240,11 +315,14 @@ def prepare(opt: Rule, program: Program, params: Any, grads: Any, checked: list,
         return  # step counts differ between arrays
     backend = get_backend(backends.pop())
     try:
-        launch = backend.prepare(program, jobs)
+        launch = backend.prepare(program, jobs, one_array=True) if single else backend.prepare(program, jobs)
     except MemoryError:  # the update itself is done: only its repetition stays unprepared
         return
     if launch is None:
         return
     param_kind = _ArrayKind(param_types.pop(), launch.pointer)
     grad_kind = _ArrayKind(grad_types.pop(), launch.pointer)
-    opt.__dict__["_prepared"] = PreparedUpdate(opt, program, p, g, jobs, launch, param_kind, grad_kind)
+    if single:
+        opt.__dict__["_prepared"] = PreparedSingle(opt, program, params, grads, jobs, launch, param_kind, grad_kind)
+    else:
+        opt.__dict__["_prepared"] = PreparedUpdate(opt, program, p, g, jobs, launch, param_kind, grad_kind)

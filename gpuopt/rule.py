@@ -134,10 +134,8 @@ class Hyper:
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        return obj.__dict__[self.name]
+    # No __get__: reads find the value in the instance's __dict__ at C speed (a data
+    # descriptor without __get__ is passed over on reading), and the class gets the descriptor.
 
     def __set__(self, obj: Any, value: Any) -> None:
         value = plain_number(value)
@@ -172,8 +170,15 @@ class ParamState:
 
     @t.setter
     def t(self, value: int) -> None:
-        # A private count again: setting one array's count never moves the arrays it shared with.
+        # A private count again: setting one array's count never moves the arrays it shared
+        # with; and every prepared update is stale (its arrays shared one count).
+        global state_edits
         self.count = StepCount(value)
+        state_edits += 1
+
+
+#: how many times a step count was set from outside (prepared updates made before are stale)
+state_edits = 0
 
 
 def _memory_of(key: object) -> tuple[object, tuple] | None:

@@ -134,6 +134,14 @@ def _checked_calls(index: int, group_params: list[torch.Tensor]) -> list[tuple[t
     return [(device, ps, gs) for device, (ps, gs) in by_device.items()]
 
 
+def _update_on(device: torch.device, rule: Rule, params: list, grads: list) -> None:
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # the kernels go to the parameters' GPU
+            update(rule, params, grads)
+    else:
+        update(rule, params, grads)
+
+
 class _ParamGroup(dict):
     """A param group whose learning rate (and the other bound keys) *is* the rule's
     hyperparameter: reading gives the rule's current value (ExpDecay's decayed eta
@@ -242,15 +250,23 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if len(self.param_groups) == 1:  # one update call, which checks everything before any write
+            params = self.param_groups[0]["params"]
+            grads = [p.grad for p in params]
+            if any(map(is_, grads, repeat(None))):
+                params, grads = [p for p, g in zip(params, grads) if g is not None], [g for g in grads if g is not None]
+            if params:
+                try:
+                    _update_on(params[0].device, self.param_groups[0]["rule"], params, grads)
+                except (TypeError, ValueError):
+                    _checked_calls(0, self.param_groups[0]["params"])  # names a bad pair as below
+                    raise
+            return loss
         calls = []  # every group's update calls, all checked before the first one runs
         for index, group in enumerate(self.param_groups):
             calls += [(group["rule"], *call) for call in _checked_calls(index, group["params"])]
         for rule, device, params, grads in calls:
-            if device.type == "cuda":
-                with torch.cuda.device(device):  # the kernels go to the parameters' GPU
-                    update(rule, params, grads)
-            else:
-                update(rule, params, grads)
+            _update_on(device, rule, params, grads)
         return loss
 
     def state_dict(self) -> dict[str, Any]:

@@ -291,9 +291,12 @@ def test_launch_counts(factory, count, names, on_kernels, emulated_backend):
     opt = factory()
     x, g = np.ones(4096, np.float32), np.full(4096, 0.5, np.float32)
     gpuopt.update(opt, x, g)  # first step creates state
-    with emulated_backend.count_launches() as counter:
-        gpuopt.update(opt, x, g)
-    assert (counter.launches, counter.names) == (count, names)
+    for _ in range(3):  # repeated: one array keeps its launches (no prepared multi-tensor one)
+        prepared = PATHS["prepared"]
+        with emulated_backend.count_launches() as counter:
+            gpuopt.update(opt, x, g)
+        assert (counter.launches, counter.names) == (count, names)
+        assert PATHS["prepared"] == prepared
     # A whole model: the count does not grow with the number of tensors.
     params = [np.ones(n, np.float32) for n in range(1, 151)]
     grads = [np.full(p.shape, 0.5, np.float32) for p in params]

@@ -1,7 +1,9 @@
 """The native CPU backend: C++ compiled from the printed step equals the NumPy executor bit for
 bit (every rule and chain, float16/32/64, empty, 0-d, strided and misaligned arrays,
 collections, any thread count), one call per dtype group, builds shared safely between
-processes, and the NumPy executor with a one-line notice where no compiler works.
+processes, and the NumPy executor with a one-line notice where no compiler works. One array
+updated again and again takes the prepared path, with the full path's results, and any change
+after it takes the full path (or raises its error, changing nothing).
 
 Modules are built once per session (in the session's GPUOPT_CACHE_DIR, see conftest.py),
 two at a time.
@@ -25,6 +27,7 @@ from gpuopt.backends import cxx_build, numpy_backend
 from gpuopt.backends.kernel_backend import CHUNK, KernelBackend
 from gpuopt.backends.native_backend import NativeDevice, cache_dir
 from gpuopt.plan import plan
+from gpuopt.prepared import PATHS
 
 from .cases import ALL, CHAINS, RULES
 
@@ -462,3 +465,252 @@ def test_mixed_precision_master_copy_matches_the_executor(use):
         results.append(params)
     for a, b in zip(*results):
         _same_bits(a, b, "master copy")
+
+
+# -- one array updated again and again: the prepared path ----------------------------------------
+
+
+def _paths(run, *args):
+    """How many calls ``run(*args)`` sent down each path, and what it raised (None, or the message)."""
+    before = dict(PATHS)
+    try:
+        run(*args)
+        error = None
+    except (TypeError, ValueError) as exc:
+        error = str(exc)
+    return {k: PATHS[k] - before.get(k, 0) for k in ("prepared", "full")}, error
+
+
+def _single_steps(opt, x, rng, steps=7):
+    """``steps`` updates of ``x`` alone: new gradients, then the same one twice in a row."""
+    g = None
+    for step in range(steps):
+        if g is None or step % 3:
+            g = (2 * rng.standard_normal(x.shape)).astype(x.dtype)
+        gpuopt.update(opt, x, g)
+
+
+SINGLE_CASES = {**ALL, "MixedPrecision(ADAM)": lambda: gpuopt.MixedPrecision(RULES["ADAM"]())}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(SINGLE_CASES))
+def test_a_repeated_single_array_update_is_prepared_and_equals_the_full_path(case, dtype, use, monkeypatch):
+    """Prepared from the second call on; bit for bit the executor's, and the full path's."""
+    import gpuopt.api
+
+    runs = []
+    for on_native, prepared in ((True, True), (True, False), (False, False)):
+        use(on_native)
+        if not prepared:
+            monkeypatch.setattr(gpuopt.api, "try_prepared", lambda *args: False)
+        rng = np.random.default_rng(6)
+        opt = SINGLE_CASES[case]()
+        x = rng.standard_normal(CHUNK + 1001).astype(dtype)  # two chunks
+        paths, error = _paths(_single_steps, opt, x, rng)
+        assert error is None
+        if prepared:
+            assert paths == {"full": 2, "prepared": 5}
+        states = [leaf.state_for(x) for leaf in opt.leaves()]
+        runs.append((x, [s.slots for s in states if s.slots is not None], [s.t for s in states]))
+    for x, slots, counts in runs[:2]:
+        _same_bits(x, runs[2][0], f"{case} {dtype}")
+        for a, b in zip(slots, runs[2][1]):
+            _same_bits(a, b, f"{case} {dtype} state")
+        assert counts == runs[2][2] == [7] * len(counts)
+
+
+@pytest.mark.parametrize("param, grad", [("float16", "float32"), ("float64", "float16"), ("float32", "float64")])
+def test_a_repeated_update_with_a_gradient_of_another_dtype_is_prepared(param, grad, use):
+    results = []
+    for on_native in (True, False):
+        use(on_native)
+        rng = np.random.default_rng(9)
+        opt = CHAINS["ClipValue+WeightDecay+ADAM"]()
+        x = rng.standard_normal(1001).astype(param)
+        paths, error = _paths(_steps_with_gradients_of, opt, x, grad, rng)
+        assert error is None
+        if on_native:
+            assert paths == {"full": 2, "prepared": 3}
+        results.append(x)
+    _same_bits(results[0], results[1], f"{param} with {grad} gradients")
+
+
+def _steps_with_gradients_of(opt, x, dtype, rng):
+    for _ in range(5):
+        gpuopt.update(opt, x, rng.standard_normal(x.shape).astype(dtype))
+
+
+def _layout_steps(opt, x, layout, rng):
+    for _ in range(5):
+        gpuopt.update(opt, x, LAYOUTS[layout](rng, np.float32))
+
+
+@pytest.mark.parametrize("layout, prepared", [
+    ("0-d", True), ("empty", True), ("transposed", False), ("strided", False), ("unaligned", False),
+])
+@pytest.mark.parametrize("case", ["ADAM", "ClipNorm+ADAM"])
+def test_only_arrays_the_module_reads_directly_are_prepared(case, layout, prepared, use):
+    results = []
+    for on_native in (True, False):
+        use(on_native)
+        rng = np.random.default_rng(7)
+        opt = ALL[case]()
+        x = LAYOUTS[layout](rng, np.float32)
+        paths, error = _paths(_layout_steps, opt, x, layout, rng)
+        assert error is None
+        if on_native:
+            assert paths == ({"full": 2, "prepared": 3} if prepared else {"full": 5, "prepared": 0})
+        results.append(x)
+    _same_bits(np.ascontiguousarray(results[0]), np.ascontiguousarray(results[1]), f"{case} {layout}")
+
+
+def _share_memory_reversed(opt, x, g):
+    return x, x[::-1]
+
+
+def _reshape(opt, x, g):
+    x.shape = (8, 8)
+    return x, g.reshape(8, 8)
+
+
+def _retype(opt, x, g):
+    x.dtype = np.int32
+    return x, g
+
+
+def _read_only(opt, x, g):
+    x.flags.writeable = False
+    return x, g
+
+
+def _hyperparameter(opt, x, g):
+    opt.eta = 0.5
+    return x, g
+
+
+def _reset(opt, x, g):
+    opt.reset()
+    return x, g
+
+
+def _apply_between(opt, x, g):
+    gpuopt.apply(opt, x, g)
+    return x, g
+
+
+def _checkpoint(opt, x, g):
+    import io
+
+    buffer = io.BytesIO()
+    gpuopt.save_state(opt, x, buffer)
+    buffer.seek(0)
+    gpuopt.load_state(opt, x, buffer)
+    return x, g
+
+
+def _another_array(opt, x, g):
+    gpuopt.update(opt, np.ones(5, np.float32), np.ones(5, np.float32))
+    return x, g
+
+
+#: a change made after one array's update is prepared -> what the next call does: takes the
+#: prepared path, the full path, or raises (the full path's error: nothing written). (NumPy
+#: refuses to resize an array in place while weak references to it exist: the state's.)
+CHANGES = {
+    "the same arrays": (lambda opt, x, g: (x, g), "prepared"),
+    "a new gradient like the old": (lambda opt, x, g: (x, g.copy()), "prepared"),
+    "a new hyperparameter value": (_hyperparameter, "prepared"),
+    "a gradient of another dtype": (lambda opt, x, g: (x, g.astype(np.float64)), "full"),
+    "an unaligned gradient": (lambda opt, x, g: (x, _unaligned(g)), "full"),
+    "the parameter as its own gradient": (lambda opt, x, g: (x, x), "full"),
+    "a view of the parameter as its gradient": (lambda opt, x, g: (x, x[:]), "full"),
+    "the parameter reshaped in place": (_reshape, "full"),
+    "reset": (_reset, "full"),
+    "apply in between": (_apply_between, "full"),
+    "a checkpoint loaded": (_checkpoint, "full"),
+    "another array updated in between": (_another_array, "full"),
+    "no gradient": (lambda opt, x, g: (x, None), "nothing"),
+    "a gradient of another shape": (lambda opt, x, g: (x, g[:10]), "shape"),
+    "gradients in a list": (lambda opt, x, g: (x, [g]), "single array but grads is a list"),
+    "its gradient reversed (shared memory)": (_share_memory_reversed, "shares memory"),
+    "the parameter made read-only": (_read_only, "read-only"),
+    "the parameter's dtype changed in place": (_retype, "dtype int32"),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_change_after_a_prepared_update_takes_the_full_path_or_raises_as_it(change, use):
+    """What each change does to the next call: the prepared path, the full one, or the full
+    path's error with nothing written; the same results (and messages) as the executor."""
+    make_change, expected = CHANGES[change]
+    runs = []
+    for on_native in (True, False):
+        use(on_native)
+        opt = RULES["ADAM"]()
+        x, g = np.linspace(-1, 1, 64, dtype=np.float32), np.full(64, 0.25, np.float32)
+        for _ in range(3):
+            gpuopt.update(opt, x, g)
+        if on_native:
+            assert type(vars(opt)["_prepared"]).__name__ == "PreparedSingle"
+        x_now, g_now = make_change(opt, x, g)
+        state = opt.state_for(x)
+        before = (x.copy(), None if state is None else (state.slots.copy(), state.t))
+        paths, error = _paths(gpuopt.update, opt, x_now, g_now)
+        state = opt.state_for(x)
+        after = (x.copy(), None if state is None else (state.slots.copy(), state.t))
+        if expected in ("prepared", "full", "nothing"):
+            assert error is None, error
+        else:
+            assert error is not None and expected in error and "\n" not in error
+            _same_bits(after[0], before[0], f"{change}: refused, parameter")
+            _same_bits(after[1][0], before[1][0], f"{change}: refused, state")
+            assert after[1][1] == before[1][1]
+        if on_native:
+            taken = {"prepared": {"prepared": 1, "full": 0}, "full": {"prepared": 0, "full": 1}}
+            assert paths == taken.get(expected, {"prepared": 0, "full": 0}), change
+        runs.append((after, error))
+    (native, native_error), (executor, executor_error) = runs
+    assert native_error == executor_error
+    _same_bits(native[0], executor[0], change)
+    _same_bits(native[1][0], executor[1][0], f"{change} state")
+    assert native[1][1] == executor[1][1]
+
+
+def test_updating_arrays_one_call_each_never_prepares(use):
+    """A loop over several arrays, one call each, through one optimiser: each call is the
+    full path (nothing prepared per call only to be thrown away at the next)."""
+    use(True)
+    opt = RULES["Momentum"]()
+    params = [np.ones(n, np.float32) for n in (10, 20, 30)]
+    paths, _ = _paths(lambda: [gpuopt.update(opt, p, np.full(p.shape, 0.5, np.float32))
+                                for _ in range(3) for p in params])
+    assert paths == {"full": 9, "prepared": 0} and "_prepared" in vars(opt)
+    assert type(vars(opt)["_prepared"]).__name__ == "_SingleSeen"
+
+
+def _steps(opt, x, g, n):
+    for _ in range(n):
+        gpuopt.update(opt, x, g)
+
+
+def test_one_array_from_several_threads_steps_once_per_call(use):
+    """Threads updating one array through one optimiser: every call is one step, as if made
+    one after another (a constant gradient: the order does not matter)."""
+    results = []
+    for threaded in (True, False):
+        use(True)
+        opt = CHAINS["ClipValue+WeightDecay+ADAM"]()
+        x, g = np.linspace(-1, 1, 3000, dtype=np.float32), np.full(3000, 0.25, np.float32)
+
+        if threaded:
+            threads = [threading.Thread(target=_steps, args=(opt, x, g, 40)) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        else:
+            _steps(opt, x, g, 160)
+        results.append((x, [leaf.state_for(x).t for leaf in opt.leaves()]))
+    _same_bits(results[0][0], results[1][0], "threads")
+    assert results[0][1] == results[1][1] == [160] * 3

@@ -148,6 +148,17 @@ def test_gradient_ids_prove_nothing_once_the_gradients_died(noop):
         gpuopt.update(opt, params, [np.ones(10, np.float32), np.ones((4, 5), np.float32)])
 
 
+def test_a_step_count_set_by_hand_ends_the_prepared_update(noop):
+    params = [np.ones(n, np.float32) for n in (10, 20)]
+    grads = _numpy_grads((10, 20))
+    opt = gpuopt.ADAM()
+    for _ in range(3):
+        gpuopt.update(opt, params, grads)
+    opt.state_for(params[0]).t = 0  # (the arrays shared one count: the record must not go on with it)
+    assert _paths(lambda: gpuopt.update(opt, params, grads)) == {"full": 1, "prepared": 0}
+    assert (opt.state_for(params[0]).t, opt.state_for(params[1]).t) == (1, 4)
+
+
 def test_gradients_that_stop_changing_are_watched_again(noop):
     """New arrays every step are checked every step without reading all their ids; once the
     same arrays come back for a few steps they are watched again (no checks), and new ones

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import gpuopt
+import gpuopt.backends
 from gpuopt.backends import numpy_backend
 from gpuopt.backends.cuda_source import module_source
 from gpuopt.backends.kernel_backend import CHUNK, THREADS_PER_BLOCK, KernelBackend
@@ -113,7 +114,7 @@ def test_kernels_in_the_gpu_launch_shape_match_numpy(case, production_backend, m
     chain, sizes, kernels = PRODUCTION_CASES[case]
     results = []
     for backend in (production_backend, numpy_backend.NumpyBackend()):
-        monkeypatch.setattr(numpy_backend, "BACKEND", backend)
+        monkeypatch.setattr(gpuopt.backends, "cpu_backend", lambda backend=backend: backend)
         opt, rng = ALL[chain](), np.random.default_rng(7)
         params = [rng.standard_normal(n + 1).astype(np.float32)[1:] for n in sizes]
         with production_backend.count_launches() as counter:
@@ -133,7 +134,7 @@ def test_concurrent_blocks_sum_identically_every_launch(monkeypatch):
     if emulation.compiler() is None:
         missing("no C++ compiler is installed")
     backend = KernelBackend(emulation.EmulatedDevice(threads=THREADS_PER_BLOCK // 8, max_blocks=64, workers=4))
-    monkeypatch.setattr(numpy_backend, "BACKEND", backend)
+    monkeypatch.setattr(gpuopt.backends, "cpu_backend", lambda backend=backend: backend)
     rng = np.random.default_rng(8)
     x = rng.standard_normal(5 * CHUNK + 77).astype(np.float32)  # six chunks: six racing blocks
     g = (100 * rng.standard_normal(x.shape)).astype(np.float32)
@@ -143,7 +144,7 @@ def test_concurrent_blocks_sum_identically_every_launch(monkeypatch):
         for _ in range(200):
             assert np.array_equal(gpuopt.apply(opt, x, g), first)
     assert counter.names.count("gpuopt_multi_reduce") == 200
-    monkeypatch.setattr(numpy_backend, "BACKEND", numpy_backend.NumpyBackend())
+    monkeypatch.setattr(gpuopt.backends, "cpu_backend", numpy_backend.NumpyBackend)
     np.testing.assert_allclose(first, gpuopt.apply(opt, x, g), rtol=1e-6)
     assert np.linalg.norm(first.astype(np.float64)) == pytest.approx(1.0, rel=1e-5)
 

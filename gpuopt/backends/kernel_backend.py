@@ -35,7 +35,7 @@ from ..dtypes import BFLOAT16
 from ..plan import Program
 from .cuda_source import CHUNK, MAX_THREADS, TABLE_COLUMNS, VEC, module_source
 from .numpy_backend import compute_dtype
-from .protocol import Job
+from .protocol import Job, PreparedLaunch
 from .strided import StridedKernel, strided_kernel
 
 THREADS_PER_BLOCK = MAX_THREADS  # the GPU launch shape (a power of two, at most MAX_THREADS)
@@ -227,12 +227,19 @@ class KernelBackend:
                 for run_launch in launches:
                     run_launch()
 
-    def prepare(self, program: Program, jobs: Sequence[Job]) -> PreparedKernels | None:
+    def prepare(self, program: Program, jobs: Sequence[Job], one_array: bool = False) -> PreparedLaunch | None:
         """Launches for repeating this update on the same parameters: tables are built now
         (owned by the launchers), and each call only launches, with one row of host scalars
-        shared by every array. None if an array needs a contiguous copy."""
+        shared by every array. None if an array needs a contiguous copy.
+
+        ``one_array`` (an update of one array, not a collection): prepared only by a device
+        with a launch of its own for it (the native CPU's ``prepare_one``); a GPU keeps one
+        element-wise launch on the full path."""
         if not all(_direct(job.x) and _direct(job.g) for job in jobs):
             return None
+        if one_array:
+            prepare_one = getattr(self.device, "prepare_one", None)
+            return None if prepare_one is None else prepare_one(self, program, jobs[0])
         place = self.placement
         index = {id(job): i for i, job in enumerate(jobs)}
         parts = []

@@ -113,7 +113,17 @@ class NativeDevice:
 
     @staticmethod
     def pointer(array: np.ndarray) -> int:
-        return array.ctypes.data
+        return _pointer_reader()(array)
+
+    def prepare_one(self, backend: Any, program: Program, job: Any) -> Any:
+        """The repeat of one array's update (contiguous and aligned, see
+        ``KernelBackend.prepare``): one call with its arguments packed in advance, where the
+        chain needs no reduction; else the kernel backend's prepared multi-tensor launches."""
+        if program.levels:
+            return backend.prepare(program, [job])
+        source = self.module_source(program, np.dtype(job.x_type), np.dtype(job.g_type), False)
+        self.library(source)  # (built now: a failing build comes before any write)
+        return PreparedElementwise(self, source, program, job, backend._placeholder(0))
 
     # -- building --------------------------------------------------------------------------------
 
@@ -176,8 +186,57 @@ class NativeDevice:
         self.kernel(source, "gpuopt_copy")(1, 1, [dst, src, np.int64(src.nbytes)])
 
 
+class PreparedElementwise:
+    """One array's repeated update on the native device (a
+    :class:`~gpuopt.backends.protocol.PreparedLaunch`): ``gpuopt_elementwise`` with every
+    argument but the host scalars packed once, by data pointer.
+
+    The scalars go as doubles, which the module rounds to its compute type: the value that
+    the full path's ``ct.type(v)`` passes. Pointers stay right while the prepared update
+    holds (it checks the parameter's layout, and a gradient's, before each call).
+    """
+
+    def __init__(self, device: NativeDevice, source: str, program: Program, job: Any, placeholder: np.ndarray):
+        self.pointer = device.pointer
+        # Its own function object, called without argument conversion (ctypes' argtypes cost
+        # more than the call): every argument is made a C type here.
+        self.function = device.library(source)["gpuopt_elementwise"]
+        self.function.restype = ctypes.c_int
+        self.threads, self.by_pointer = ctypes.c_int(device.cpu_threads), ctypes.c_longlong(-1)
+        self.x = job.x.ctypes.data
+        self.rest = struct.pack(f"{1 + len(job.slots)}Q", placeholder.ctypes.data,
+                                *(slot.ctypes.data for slot in job.slots))
+        self.size = job.x.size
+        self.pack_scalars = struct.Struct(f"{program.scalar_count}d").pack
+        self.set_gradient_pointers([job.g.ctypes.data])
+
+    def check_launchable(self) -> None:
+        pass  # (the CPU runs it now, on the calling thread and its helpers)
+
+    def set_gradient_pointers(self, pointers: Sequence[int]) -> None:
+        self.words = struct.pack("qQQQ", self.size, self.x, pointers[0], self.x) + self.rest
+
+    def __call__(self, scalars: list[float]) -> None:
+        self.function(self.threads, self.by_pointer, self.words + self.pack_scalars(*scalars))
+
+
 def _data_pointer(array: np.ndarray) -> int:
     return array.ctypes.data
+
+
+@functools.lru_cache(maxsize=1)
+def _pointer_reader() -> Callable[[np.ndarray], int]:
+    """A NumPy array's data pointer, read from the object where its layout is known (a
+    fraction of ``array.ctypes.data``'s cost)."""
+    offset = _data_offset()
+    if offset < 0:
+        return _data_pointer
+    read = ctypes.c_void_p.from_address
+
+    def pointer(array: np.ndarray) -> int:
+        return read(id(array) + offset).value or 0
+
+    return pointer
 
 
 @functools.lru_cache(maxsize=1)

@@ -330,7 +330,7 @@ class NumpyBackend:
         pass  # NumPy runs now, on the calling thread
 
     @staticmethod
-    def prepare(program: Program, jobs: Sequence[Any]) -> None:
+    def prepare(program: Program, jobs: Sequence[Any], one_array: bool = False) -> None:
         return None  # NumPy has no tables or launches worth keeping
 
     @staticmethod

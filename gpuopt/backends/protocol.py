@@ -67,7 +67,8 @@ class Backend(Protocol):
 
     def run(self, program: Program, jobs: Sequence[Job], apply: bool) -> None: ...
 
-    def prepare(self, program: Program, jobs: Sequence[Job]) -> PreparedLaunch | None:
+    def prepare(self, program: Program, jobs: Sequence[Job], one_array: bool = False) -> PreparedLaunch | None:
         """Launches that repeat this update with new host scalars only, or None where
-        repeating costs nothing worth saving (NumPy) or cannot be prepared."""
+        repeating costs nothing worth saving (NumPy) or cannot be prepared. ``one_array``:
+        the update of one array, not of a collection of one."""
         ...
