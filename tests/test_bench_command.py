@@ -313,3 +313,30 @@ def _result(rule, log2, time_s, copy=3000.0, **baselines):
         "time_s": time_s, "gbps": bpe * n / time_s / 1e9, "pct_copy": 100 * bpe * n / time_s / 1e9 / copy,
         "baselines": {k: {"time_s": v, "time_ratio": time_s / v} for k, v in baselines.items()},
     }
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+def test_steps_timed_together_take_their_repeats_in_turn():
+    """A machine whose speed drifts during a run must not favour whichever ran first."""
+    from gpuopt.bench.devices import Machine
+
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name), None) for name in ("a", "b", "c")}
+    timed = Machine("numpy").time_steps(steps, repeats=3, warmup=0, target_s=0.0)
+    assert calls[3:] == ["a", "b", "c"] * 3  # (after one calibration step each)
+    assert set(timed) == {"a", "b", "c"} and all(t["repeats"] == 3 for t in timed.values())
+
+
+def test_a_failing_baseline_is_noted_and_the_run_goes_on(monkeypatch):
+    from gpuopt.bench import runner
+
+    def broken(*args):
+        raise RuntimeError("no such baseline\nsecond line")
+
+    monkeypatch.setattr(runner, "Unfused", broken)
+    report = bench.benchmark(bench.config_from_args(_args([*TINY, "--no-model"])))
+    assert all(r["baselines"]["unfused"] == {"error": "RuntimeError: no such baseline"} for r in report["results"])
+    assert all("time_s" in r for r in report["results"])
+    assert "unfused at 2^10 ADAM failed: RuntimeError: no such baseline" in report["notes"]

@@ -73,18 +73,24 @@ class Machine:
         end.synchronize()
         return (start.elapsed_time(end) if events else self.xp.cuda.get_elapsed_time(start, end)) / 1e3
 
-    def time_steps(self, step: Callable[[], Any], repeats: int, warmup: int, target_s: float, events: Any = None
-                   ) -> dict[str, Any]:
-        """Warm up, pick how many steps one repeat runs (to last ``target_s``), then time ``repeats``
-        repeats: seconds per step, the median (``time_s``) and the fastest repeat's."""
-        def steps(n: int) -> Callable[[], None]:
+    def time_steps(self, steps: dict[str, tuple[Callable[[], Any], Any]], repeats: int, warmup: int, target_s: float
+                   ) -> dict[str, dict[str, Any]]:
+        """Seconds per step of each ``name: (step, events)``: warm up, pick how many steps one repeat
+        runs (to last ``target_s``), then ``repeats`` repeats, taken in turn (a machine whose speed
+        drifts during a run favours none of them); the median (``time_s``) and the fastest."""
+        def run(step: Callable[[], Any], n: int) -> Callable[[], None]:
             return lambda: [step() for _ in range(n)]
-        if warmup:
-            self.elapsed(steps(warmup), events)
-        inner = max(1, min(MAX_INNER, math.ceil(target_s / max(self.elapsed(steps(1), events), 1e-7))))
-        times = [self.elapsed(steps(inner), events) / inner for _ in range(repeats)]
-        return {"time_s": statistics.median(times), "time_min_s": min(times), "repeats": repeats,
-                "steps_per_repeat": inner}
+        inner = {}
+        for name, (step, events) in steps.items():
+            if warmup:
+                self.elapsed(run(step, warmup), events)
+            inner[name] = max(1, min(MAX_INNER, math.ceil(target_s / max(self.elapsed(step, events), 1e-7))))
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(repeats):
+            for name, (step, events) in steps.items():
+                times[name].append(self.elapsed(run(step, inner[name]), events) / inner[name])
+        return {name: {"time_s": statistics.median(t), "time_min_s": min(t), "repeats": repeats,
+                       "steps_per_repeat": inner[name]} for name, t in times.items()}
 
     def random(self, shape: Any, dtype: np.dtype, seed: int) -> Any:
         generator = self.xp.random.RandomState(seed) if self.gpu else np.random.default_rng(seed)
@@ -115,8 +121,9 @@ class Machine:
             copies = {f"native copy, {self.threads} threads": lambda: self.device.copy(dst, src, source)}
         else:
             copies = {"np.copyto": lambda: np.copyto(dst, src)}
-        rates = {method: 2 * n * 4 / self.time_steps(copy, max(repeats, 5), 3 if self.gpu else 1, 0.0)["time_s"] / 1e9
-                 for method, copy in copies.items()}
+        timed = self.time_steps({method: (copy, None) for method, copy in copies.items()}, max(repeats, 5),
+                                3 if self.gpu else 1, 0.0)
+        rates = {method: 2 * n * 4 / t["time_s"] / 1e9 for method, t in timed.items()}
         best = max(rates, key=rates.__getitem__)
         return {"gbps": rates[best], "method": best, "buffer_bytes": n * 4, "gbps_by_method": rates}
 

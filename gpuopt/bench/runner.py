@@ -35,6 +35,7 @@ HOST_CALLS = 50  # update calls timed on the host for the model
 #: the torch.optim.Adam baselines per machine: name -> keyword arguments
 TORCH_ADAM = {"cupy": {"torch_fused": {"fused": True}, "torch_foreach": {"foreach": True}},
               "numpy": {"torch": {}, "torch_fused": {"fused": True}}}
+Steps = tuple[Callable[[], Any], Callable[[], None], Any]  # (step, free its state, CUDA event class or None)
 #: the chains whose host time is compared with ADAM's
 CHAINS: dict[str, Callable[[], Rule]] = {"ClipNorm+ADAM": lambda: Optimiser(ClipNorm(1.0), ADAM()), CHAIN: RULES[CHAIN]}
 
@@ -50,35 +51,44 @@ class Run:
         self.skipped: list[dict[str, Any]] = []  # sizes that did not fit in memory
         self.copy: dict[str, Any] = {}  # the copy bandwidth, measured first
 
-    def timed(self, step: Callable[[], Any], free: Callable[[], None] | None = None, events: Any = None
-              ) -> dict[str, Any]:
-        """Seconds per ``step()``; then ``free()`` frees the state the steps made, collected now (a
-        rule's state map is in a reference cycle)."""
-        c = self.config
+    def timed(self, makers: dict[str, Callable[[], Steps]], where: str, required: tuple[str, ...] = ()
+              ) -> dict[str, dict[str, Any]]:
+        """Seconds per step of each of ``makers``' steps, timed together (see Machine.time_steps);
+        then their state is freed and collected (a rule's state map is in a reference cycle). A
+        baseline that fails to set up or to take a first step is recorded, not fatal."""
+        c, ready, out = self.config, {}, {}
         try:
-            return self.machine.time_steps(step, c.repeats, c.warmup, REPEAT_TARGET_S[c.backend], events)
+            for name, make in makers.items():
+                try:
+                    ready[name] = make()
+                    ready[name][0]()  # (a first step: a baseline that cannot run fails here)
+                except Exception as exc:
+                    if name in required:
+                        raise
+                    out[name] = self.failed(f"{name} {where}", exc)
+            out.update(self.machine.time_steps({name: (step, events) for name, (step, _, events) in ready.items()},
+                                               c.repeats, c.warmup, REPEAT_TARGET_S[c.backend]))
         finally:
-            if free is not None:
+            for _, free, _ in ready.values():
                 free()
-            self.machine.release(collect=free is not None)
+            ready.clear()
+            self.machine.release(collect=True)
+        return out
 
-    def attempt(self, what: str, timing: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """A baseline's timing; a failure is recorded (and shown) instead of ending the run."""
-        try:
-            return timing()
-        except Exception as exc:  # noqa: BLE001 - a baseline must not end the benchmark
-            message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            self.notes.append(f"{what} failed: {message}")
-            self.say(f"note: {self.notes[-1]}")
-            return {"error": message}
+    def failed(self, what: str, exc: Exception) -> dict[str, Any]:
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        self.notes.append(f"{what} failed: {message}")
+        self.say(f"note: {self.notes[-1]}")
+        return {"error": message}
 
-    def updates(self, rule: Rule, x: Any, g: Any, one_call: bool = True) -> dict[str, Any]:
-        """gpuopt's time per ``update(rule, x, g)``, or per loop of one call per tensor of ``x`` and ``g``."""
+    @staticmethod
+    def updates(rule: Rule, x: Any, g: Any, one_call: bool = True) -> Steps:
+        """``update(rule, x, g)``, or a loop of one call per tensor of ``x`` and ``g``."""
         calls = [(x, g)] if one_call else list(zip(x, g))
-        return self.timed(lambda: [update(rule, p, q) for p, q in calls], rule.reset)
+        return lambda: [update(rule, p, q) for p, q in calls], rule.reset, None
 
-    def torch_steps(self, params: list[Any], grads: list[Any], make: Callable[[list[Any]], Any]) -> dict[str, Any]:
-        """Time ``make(tensors).step()`` on tensors sharing the memory of ``params``, ``grads`` as their ``.grad``."""
+    def torch_steps(self, params: list[Any], grads: list[Any], make: Callable[[list[Any]], Any]) -> Steps:
+        """``make(tensors).step()`` on tensors sharing the memory of ``params``, ``grads`` as their ``.grad``."""
         view = self.torch.from_dlpack if self.machine.gpu else self.torch.from_numpy
         tensors = [view(p) for p in params]
         for tensor, g in zip(tensors, grads):
@@ -90,20 +100,20 @@ class Run:
             for group in opt.param_groups:
                 if "rule" in group:
                     group["rule"].reset()
-        return self.timed(opt.step, free, self.torch.cuda.Event)
+        return opt.step, free, self.torch.cuda.Event
 
-    def baselines(self, factory: Callable[[], Rule], params: list[Any], grads: list[Any], where: str
-                  ) -> dict[str, dict[str, Any]]:
-        """The plain formula's and (for ADAM) PyTorch's times on the same arrays."""
-        out = {}
+    def baselines(self, factory: Callable[[], Rule], params: list[Any], grads: list[Any]
+                  ) -> dict[str, Callable[[], Steps]]:
+        """The plain formula's and (for ADAM) PyTorch's steps on the same arrays."""
+        out: dict[str, Callable[[], Steps]] = {}
         if self.config.baselines:
-            out["unfused"] = self.attempt(f"unfused {where}", lambda: self.timed(
-                functools.partial(Unfused(factory(), self.machine.xp).step_many, params, grads)))
+            out["unfused"] = lambda: (functools.partial(Unfused(factory(), self.machine.xp).step_many, params, grads),
+                                      lambda: None, None)
         if type(factory()) is ADAM and self.torch is not None:
             adam = self.torch.optim.Adam
             for name, kwargs in TORCH_ADAM[self.config.backend].items():
-                out[name] = self.attempt(f"{name} {where}", lambda kwargs=kwargs: self.torch_steps(
-                    params, grads, lambda tensors: adam(tensors, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kwargs)))
+                out[name] = lambda kwargs=kwargs: self.torch_steps(
+                    params, grads, lambda tensors: adam(tensors, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kwargs))
         return out
 
     def sizes(self) -> list[dict[str, Any]]:
@@ -122,8 +132,9 @@ class Run:
 
     def row(self, name: str, factory: Callable[[], Rule], k: int, x: Any, g: Any) -> dict[str, Any]:
         """One rule at one size: gpuopt's time, GB/s, and the baselines' times in proportion."""
-        timing, bpe = self.updates(factory(), x, g), bytes_per_element(factory(), self.config.dtype)
-        baselines = self.baselines(factory, [x], [g], f"{name} at 2^{k}")
+        baselines = self.timed({"gpuopt": lambda: self.updates(factory(), x, g), **self.baselines(factory, [x], [g])},
+                               f"at 2^{k} {name}", required=("gpuopt",))
+        timing, bpe = baselines.pop("gpuopt"), bytes_per_element(factory(), self.config.dtype)
         for base in baselines.values():
             if "time_s" in base:  # gpuopt's time as a multiple of the baseline's
                 base["time_ratio"] = timing["time_s"] / base["time_s"]
@@ -141,22 +152,22 @@ class Run:
         machine.release(collect=True)
         params = [machine.random(shape, c.dtype, seed=i) for i, shape in enumerate(shapes)]
         grads = [machine.random(shape, c.dtype, seed=10_000 + i) for i, shape in enumerate(shapes)]
-        self.say(f"model ({len(shapes)} tensors): gpuopt, then the baselines")
+        self.say(f"model ({len(shapes)} tensors): gpuopt and the baselines, in turn")
         host, opt = {}, ADAM()
         if machine.gpu:  # also the host time of one call (its launches queued, not waited for)
             host = host_times(lambda: functools.partial(update, opt, params, grads), HOST_CALLS, lambda: None)
             opt.reset()
-        variants = {"multi_tensor": {**self.updates(ADAM(), params, grads), **host},
-                    "per_tensor_loop": self.updates(ADAM(), params, grads, one_call=False),
-                    **self.baselines(ADAM, params, grads, "on the model")}
+        makers = {"multi_tensor": lambda: self.updates(ADAM(), params, grads),
+                  "per_tensor_loop": lambda: self.updates(ADAM(), params, grads, one_call=False),
+                  **self.baselines(ADAM, params, grads),
+                  "flat": lambda: self.updates(ADAM(), *(machine.random(total, c.dtype, seed=seed) for seed in (1, 2)))}
         if self.torch is not None:
             from ..torch import Optimizer
 
-            variants["gpuopt_torch"] = self.attempt("gpuopt.torch.Optimizer", lambda: self.torch_steps(
-                params, grads, lambda tensors: Optimizer(tensors, ADAM())))
+            makers["gpuopt_torch"] = lambda: self.torch_steps(params, grads, lambda tensors: Optimizer(tensors, ADAM()))
+        variants = self.timed(makers, "on the model", required=("multi_tensor",))
+        variants["multi_tensor"].update(host)
         params = grads = []
-        machine.release(collect=True)
-        variants["flat"] = self.updates(ADAM(), *(machine.random(total, c.dtype, seed=seed) for seed in (1, 2)))
         for name, v in variants.items():
             if "time_s" in v:
                 v["gbps"] = bpe * total / v["time_s"] / 1e9
