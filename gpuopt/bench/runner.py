@@ -67,7 +67,8 @@ class Run:
                         raise
                     out[name] = self.failed(f"{name} {where}", exc)
             out.update(self.machine.time_steps({name: (step, events) for name, (step, _, events) in ready.items()},
-                                               c.repeats, c.warmup, REPEAT_TARGET_S[c.backend]))
+                                               c.repeats, c.warmup, REPEAT_TARGET_S[c.backend],
+                                               frozenset(TORCH_ADAM[c.backend])))
         finally:
             for _, free, _ in ready.values():
                 free()
