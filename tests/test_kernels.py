@@ -511,8 +511,7 @@ def test_state_rows_start_aligned_for_any_size(emulated_backend):
     for size in (1, 7, 1001, 70001):
         state = emulated_backend.full_state([0.0, 1.0, 2.0], size, np.dtype(np.float32))
         assert state.shape == (3, size)
-        strides = {row.ctypes.data - state[0].ctypes.data for row in state}
-        assert all(offset % 256 == 0 for offset in strides)  # same alignment as row 0
+        assert all(row.ctypes.data % 256 == 0 for row in state)  # (whole cache lines, and 64-byte vectors)
         np.testing.assert_array_equal(state[:, -1], [0.0, 1.0, 2.0])
 
 

@@ -170,12 +170,16 @@ class KernelBackend:
     # -- what the API layer needs --------------------------------------------------------
 
     def full_state(self, initial: Sequence[float], size: int, dtype: np.dtype, like: Any = None) -> Any:
-        # Rows padded to a multiple of ROW_ALIGN elements, so that every slot of an array of
-        # any size starts aligned for vector access; the state is the unpadded view.
+        # Rows padded to a multiple of ROW_ALIGN elements and the first one starting on a multiple
+        # of ROW_ALIGN elements' bytes, so that every slot of an array of any size starts aligned
+        # for vector access (a large NumPy array starts 16 bytes into a page: AVX-512 loads and
+        # stores of it would each touch two cache lines); the state is the unpadded view.
         padded = -(-size // ROW_ALIGN) * ROW_ALIGN
         place = self.placement
         with contextlib.nullcontext() if like is None else place.scope(place.device_of(like), None):
-            state = self.xp.empty((len(initial), padded), dtype=dtype)[:, :size]
+            memory = self.xp.empty(len(initial) * padded + ROW_ALIGN, dtype=dtype)
+            start = (-self.device.pointer(memory) % (ROW_ALIGN * dtype.itemsize)) // dtype.itemsize
+            state = memory[start:start + len(initial) * padded].reshape(len(initial), padded)[:, :size]
             for i, value in enumerate(initial):
                 state[i].fill(value)
         return state
