@@ -178,7 +178,8 @@ class KernelBackend:
         place = self.placement
         with contextlib.nullcontext() if like is None else place.scope(place.device_of(like), None):
             memory = self.xp.empty(len(initial) * padded + ROW_ALIGN, dtype=dtype)
-            start = (-self.device.pointer(memory) % (ROW_ALIGN * dtype.itemsize)) // dtype.itemsize
+            itemsize = np.dtype(dtype).itemsize
+            start = (-self.device.pointer(memory) % (ROW_ALIGN * itemsize)) // itemsize
             state = memory[start:start + len(initial) * padded].reshape(len(initial), padded)[:, :size]
             for i, value in enumerate(initial):
                 state[i].fill(value)
