@@ -38,27 +38,29 @@ class Identities:
     """The ids of a sequence's items: :meth:`match` tells whether another list or tuple holds
     the same objects in the same order."""
 
-    __slots__ = ("_ids", "_pointer", "_count", "_tuple")
+    __slots__ = ("_ids", "_pointer", "_count", "_tuple", "_helper")
 
     def __init__(self, items: Sequence[Any] = ()):
-        self._ids = np.zeros(len(items), dtype=np.uintp)  # (the helper's copy)
+        self._ids = np.zeros(0, dtype=np.uintp)  # (the helper's copy)
         self._pointer = self._ids.ctypes.data
-        self._tuple: tuple[int, ...] = ()  # (Python's copy, where there is no helper)
+        self._tuple: tuple[int, ...] = ()  # (Python's copy)
+        self._helper: _Helper | None = None
         self._count = -1  # nothing remembered: no sequence matches
         if len(items):
             self.remember(items)
 
     def remember(self, items: Sequence[Any]) -> None:
         """Keep the ids of ``items``, a list or tuple."""
-        helper = native_helper()
-        if helper is None:
+        # One item (one array's update) is cheaper to check in Python than with a call into C.
+        self._helper = native_helper() if len(items) > 1 else None
+        if self._helper is None:
             self._tuple = tuple(map(id, items))
             self._count = len(items) if isinstance(items, (list, tuple)) else -1
             return
         if len(items) != len(self._ids):
             self._ids = np.zeros(len(items), dtype=np.uintp)
             self._pointer = self._ids.ctypes.data
-        self._count = helper.read(items, self._pointer, len(items))
+        self._count = self._helper.read(items, self._pointer, len(items))
 
     def forget(self) -> None:
         self._count = -1
@@ -67,16 +69,17 @@ class Identities:
         """Whether ``items`` (a list or tuple) holds the remembered objects, in order."""
         if self._count < 0:
             return False
-        helper = native_helper()
-        if helper is None:
+        if self._helper is None:
+            if self._count == 1:  # (one array's update: the cheapest test)
+                return isinstance(items, (list, tuple)) and len(items) == 1 and id(items[0]) == self._tuple[0]
             return isinstance(items, (list, tuple)) and tuple(map(id, items)) == self._tuple
-        return helper.same(items, self._pointer, self._count) == self._count
+        return self._helper.same(items, self._pointer, self._count) == self._count
 
     def ids(self) -> tuple[int, ...] | None:
         """The remembered ids (None if none are)."""
         if self._count < 0:
             return None
-        return self._tuple if native_helper() is None else tuple(map(int, self._ids[: self._count]))
+        return self._tuple if self._helper is None else tuple(map(int, self._ids[: self._count]))
 
 
 class _Helper:

@@ -217,7 +217,6 @@ class PreparedSingle(PreparedUpdate):
     def __init__(self, opt: Rule, program: Program, x: Any, g: Any, jobs: Sequence[Job],
                  launch: PreparedLaunch, param_kind: _ArrayKind, grad_kind: _ArrayKind):
         super().__init__(opt, program, [x], [g], jobs, launch, param_kind, grad_kind)
-        self.param_ids, self.grad_ids = _OneIdentity([x]), _OneIdentity([g])  # (cheaper than a call into C)
         self.param_id, self.grad_type = id(x), type(g)
         self.layouts = (x.dtype, x.shape, x.strides, g.dtype, g.shape, g.strides)
 
@@ -228,28 +227,6 @@ class PreparedSingle(PreparedUpdate):
                 or (x.dtype, x.shape, x.strides, g.dtype, g.shape, g.strides) != self.layouts):
             return False
         return self.try_step(leaves, (x,), (g,))
-
-
-class _OneIdentity:
-    """:class:`~gpuopt.identities.Identities` for sequences of one item, in Python (for one
-    item, cheaper than a call to the helper)."""
-
-    __slots__ = ("_id",)
-
-    def __init__(self, items: Sequence[Any]):
-        self.remember(items)
-
-    def remember(self, items: Sequence[Any]) -> None:
-        self._id = id(items[0]) if len(items) == 1 else None
-
-    def forget(self) -> None:
-        self._id = None
-
-    def match(self, items: Sequence[Any]) -> bool:
-        return len(items) == 1 and id(items[0]) == self._id
-
-    def ids(self) -> tuple[int, ...] | None:
-        return None if self._id is None else (self._id,)
 
 
 class _SingleSeen(weakref.ref):

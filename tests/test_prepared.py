@@ -272,3 +272,10 @@ def test_identities_refuse_anything_but_a_list_or_tuple(identity_helper):
     remembered = Identities(ITEMS)
     assert not remembered.match(iter(ITEMS))
     assert not remembered.match(dict.fromkeys(range(4)))
+
+
+def test_identities_of_one_item(identity_helper):
+    remembered = Identities(ITEMS[:1])
+    assert remembered.match(ITEMS[:1]) and remembered.match((ITEMS[0],))
+    assert not remembered.match([OTHER]) and not remembered.match([ITEMS[0], ITEMS[0]]) and not remembered.match([])
+    assert not remembered.match(iter(ITEMS[:1])) and remembered.ids() == (id(ITEMS[0]),)

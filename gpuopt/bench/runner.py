@@ -77,7 +77,7 @@ class Run:
         return out
 
     def failed(self, what: str, exc: Exception) -> dict[str, Any]:
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        message = _summary(exc)
         self.notes.append(f"{what} failed: {message}")
         self.say(f"note: {self.notes[-1]}")
         return {"error": message}
@@ -127,7 +127,7 @@ class Run:
                     self.say(f"[{i}/{len(c.rules)}] 2^{k} {name}")
                     results.append(self.row(name, factory, k, x, g))
             except MemoryError as exc:  # (the rest of) this size does not fit
-                self.skipped.append({"log2": k, "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]})
+                self.skipped.append({"log2": k, "reason": _summary(exc)})
             x = g = None
         return results
 
@@ -180,6 +180,11 @@ class Run:
         return {"rule": "ADAM", "dtype": c.dtype.name, "tensors": len(shapes), "parameters": total,
                 "layers": c.model_layers, "width": c.model_width, "bytes_per_element": bpe,
                 "shapes": {name: list(shape) for name, shape in zip(names, shapes)}, "variants": variants}
+
+
+def _summary(exc: BaseException) -> str:
+    """An error in one short line, for notes and skipped sizes."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
 def benchmark(config: argparse.Namespace, say: Callable[[str], None] | None = None) -> dict[str, Any]:
