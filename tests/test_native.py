@@ -185,6 +185,23 @@ def test_results_do_not_depend_on_the_thread_count(case, device, use):
             _same_bits(a, b, "threads")
 
 
+@pytest.mark.parametrize("size, dst_offset, src_offset", [
+    (0, 0, 0), (1, 3, 0), (15, 1, 2), (17, 0, 5), (64 * 4 + 9, 7, 0),
+    ((1 << 20) + 33, 0, 0), ((3 << 20) + 5, 9, 4),  # pieces of 1 MiB, helper threads, a tail
+])
+def test_the_reference_copy_copies_every_byte(size, dst_offset, src_offset, device):
+    """The benchmark's copy (streaming stores from a 16-byte boundary of the destination,
+    four runs of each piece at once, plain bytes at both ends) at any alignment and size."""
+    device.cpu_threads = 2
+    source = device.module_source(plan(ALL["Descent"]()), np.dtype(np.float32), np.dtype(np.float32), False)
+    src = np.random.default_rng(size).integers(0, 256, size + src_offset, dtype=np.uint8)[src_offset:]
+    buffer = np.zeros(size + dst_offset + 16, dtype=np.uint8)
+    dst = buffer[dst_offset:dst_offset + size]
+    device.copy(dst, src, source)
+    assert np.array_equal(dst, src)
+    assert not buffer[:dst_offset].any() and not buffer[dst_offset + size:].any()  # nothing outside
+
+
 @pytest.mark.parametrize("case, calls", [
     ("ADAM", ["gpuopt_multi_tensor"]),
     ("ClipNorm+ClipNorm+Descent", ["gpuopt_multi_reduce", "gpuopt_multi_reduce", "gpuopt_multi_tensor"]),
