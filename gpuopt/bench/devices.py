@@ -103,10 +103,9 @@ class Machine:
         drawn = generator.standard_normal(shape, dtype=np.float32 if dtype == np.float16 else dtype)
         return drawn.astype(dtype, copy=False)
 
-    def release(self, collect: bool = False) -> None:
-        """Give freed memory back (CuPy's and PyTorch's pools); ``collect``: collect garbage first."""
-        if collect:
-            gc.collect()
+    def release(self) -> None:
+        """Collect garbage and give the memory freed back (CuPy's and PyTorch's pools)."""
+        gc.collect()
         torch = sys.modules.get("torch")
         if self.gpu:
             self.xp.get_default_memory_pool().free_all_blocks()
