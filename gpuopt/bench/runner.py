@@ -67,7 +67,9 @@ class Run:
                 except Exception as exc:
                     if name == ours:
                         raise
-                    out[name] = self.failed(f"{name} {where}", exc)
+                    out[name] = {"error": _summary(exc)}
+                    self.notes.append(f"{name} {where} failed: {out[name]['error']}")
+                    self.say(f"note: {self.notes[-1]}")
             out.update(self.machine.time_steps(ready, c.repeats, c.warmup, REPEAT_TARGET_S[c.backend],
                                                frozenset(TORCH_ADAM[c.backend])))
         finally:
@@ -77,12 +79,6 @@ class Run:
             if "time_s" in entry and entry is not out[ours]:
                 entry["time_ratio"] = out[ours]["time_s"] / entry["time_s"]
         return out
-
-    def failed(self, what: str, exc: Exception) -> dict[str, Any]:
-        message = _summary(exc)
-        self.notes.append(f"{what} failed: {message}")
-        self.say(f"note: {self.notes[-1]}")
-        return {"error": message}
 
     @staticmethod
     def updates(rule: Rule, *calls: tuple[Any, Any]) -> Steps:
