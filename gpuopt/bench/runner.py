@@ -61,10 +61,10 @@ class Run:
         try:
             for name, make in makers.items():
                 try:
-                    steps = make()
-                    steps[0]()  # (a first step: a baseline that cannot run fails here)
-                    ready[name] = steps
+                    ready[name] = make()
+                    ready[name][0]()  # (a first step: a baseline that cannot run fails here)
                 except Exception as exc:
+                    ready.pop(name, None)  # (not timed)
                     if name == ours:
                         raise
                     out[name] = {"error": _summary(exc)}
@@ -159,9 +159,9 @@ class Run:
         for v in variants.values():
             if "time_s" in v:
                 v["gbps"] = bpe * total / v["time_s"] / 1e9
-        ours, fused = variants.get("gpuopt_torch", {}), variants.get("torch_fused", {})
-        if "time_s" in ours and "time_s" in fused:  # the drop-in replacement against torch's best
-            ours["time_ratio_to_torch_fused"] = ours["time_s"] / fused["time_s"]
+        drop_in, fused = variants.get("gpuopt_torch", {}), variants.get("torch_fused", {})
+        if "time_s" in drop_in and "time_s" in fused:  # the drop-in replacement against torch's best
+            drop_in["time_ratio_to_torch_fused"] = drop_in["time_s"] / fused["time_s"]
         return {"rule": "ADAM", "dtype": c.dtype.name, "tensors": len(shapes), "parameters": total,
                 "layers": c.model_layers, "width": c.model_width, "bytes_per_element": bpe,
                 "shapes": {name: list(shape) for name, shape in zip(names, shapes)}, "variants": variants}
@@ -256,7 +256,8 @@ def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: i
             for name, (factory, case_shapes, make, step) in runs.items():
                 next_call = calls_of(factory(), case_shapes, make, kind == "new", step)
                 cases[name] = host_times(next_call, calls, machine.sync)
-                gc.collect()  # (the rule and its state, dropped)
+                del next_call  # its rule, state and arrays: freed (a reference cycle) before the next case's
+                gc.collect()
     report = run_record("host", {"backend": "host-cupy" if launches else "host-noop", **machine.describe()}, {
         "calls": calls, "tensors": len(shapes), "layers": layers, "width": width, "many": many, "dtype": "float32",
         "parameters": sum(math.prod(s) for s in shapes), "rules": ["ADAM", *CHAINS],
