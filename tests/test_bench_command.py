@@ -340,11 +340,21 @@ def test_a_step_whose_threads_spin_is_followed_by_a_pause_on_the_cpu(monkeypatch
     assert events[2:] == ["gpuopt", "torch_fused", pause, "gpuopt", "torch_fused", pause]
 
 
-def test_a_failing_baseline_is_noted_and_the_run_goes_on(monkeypatch):
-    from gpuopt.bench import runner
+class _FailsFirstStep:
+    def __init__(self, *args):
+        pass
 
-    def broken(*args):
+    def step_many(self, *args):
         raise RuntimeError("no such baseline\nsecond line")
+
+
+def _fails_to_set_up(*args):
+    raise RuntimeError("no such baseline\nsecond line")
+
+
+@pytest.mark.parametrize("broken", [_fails_to_set_up, _FailsFirstStep], ids=["set up", "first step"])
+def test_a_failing_baseline_is_noted_and_the_run_goes_on(monkeypatch, broken):
+    from gpuopt.bench import runner
 
     monkeypatch.setattr(runner, "Unfused", broken)
     report = bench.benchmark(bench.config_from_args(_args([*TINY, "--no-model"])))

@@ -169,7 +169,7 @@ class FakeCupy:
         return self._device_array(np.zeros(n, dtype))
 
     def _device_array(self, host):
-        array = SimpleNamespace(host=host)
+        array = SimpleNamespace(host=host, nbytes=host.nbytes)
         array.data = SimpleNamespace(copy_from_device_async=lambda src, nbytes: np.copyto(host, src.array.host))
         array.data.array = array
         return array

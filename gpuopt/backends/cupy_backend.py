@@ -110,6 +110,25 @@ class CupyDevice:
         # before returning, so the host buffer may change right after.
         target.data.copy_from_host_async(host.ctypes.data, host.nbytes)
 
+    # -- what reports say about it (the benchmark) ---------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """The current GPU: its name, memory, compute capability, multiprocessors, CUDA versions."""
+        runtime = self.xp.cuda.runtime
+        props = runtime.getDeviceProperties(self.xp.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        return {"name": name, "total_memory_bytes": int(props.get("totalGlobalMem", 0)),
+                "compute_capability": f"{props.get('major')}.{props.get('minor')}",
+                "multiprocessors": props.get("multiProcessorCount"),
+                "cuda_runtime": runtime.runtimeGetVersion(), "cuda_driver": runtime.driverGetVersion()}
+
+    def copies(self, dst: Any, src: Any) -> dict[str, Callable[[], None]]:
+        """``dst[...] = src`` (contiguous, the same size) each way the GPU copies memory, by name:
+        the reference for a memory-bound kernel's bandwidth."""
+        kernel = self.xp.ElementwiseKernel("T x", "T y", "y = x", "gpuopt_copy")
+        return {"cudaMemcpy": lambda: dst.data.copy_from_device_async(src.data, src.nbytes),
+                "copy kernel": lambda: kernel(src, dst)}
+
 
 @functools.cache
 def _backend() -> KernelBackend:

@@ -38,22 +38,16 @@ class Machine:
         self.threads = getattr(self.device, "cpu_threads", 1)  # the CPU threads an update uses
 
     def describe(self) -> dict[str, Any]:
-        """The machine's name and what else a report should say about it."""
-        if not self.gpu:
-            try:
-                with open("/proc/cpuinfo", encoding="utf-8") as f:  # (Linux) the CPU's marketing name
-                    name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-            except (OSError, StopIteration):
-                name = platform.processor() or platform.machine() or "unknown CPU"
-            return {"name": name, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "cpu_backend": describe("numpy"), "threads": self.threads}
-        runtime = self.xp.cuda.runtime
-        props = runtime.getDeviceProperties(self.xp.cuda.Device().id)
-        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-        return {"name": name, "total_memory_bytes": int(props.get("totalGlobalMem", 0)),
-                "compute_capability": f"{props.get('major')}.{props.get('minor')}",
-                "multiprocessors": props.get("multiProcessorCount"),
-                "cuda_runtime": runtime.runtimeGetVersion(), "cuda_driver": runtime.driverGetVersion()}
+        """The machine's name and what else a report should say about it (a GPU describes itself)."""
+        if self.gpu:
+            return self.device.describe()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:  # (Linux) the CPU's marketing name
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            name = platform.processor() or platform.machine() or "unknown CPU"
+        return {"name": name, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                "cpu_backend": describe("numpy"), "threads": self.threads}
 
     def sync(self) -> None:
         if self.gpu:
@@ -103,10 +97,9 @@ class Machine:
         drawn = generator.standard_normal(shape, dtype=np.float32 if dtype == np.float16 else dtype)
         return drawn.astype(dtype, copy=False)
 
-    def release(self, collect: bool = False) -> None:
-        """Give freed memory back (CuPy's and PyTorch's pools); ``collect``: collect garbage first."""
-        if collect:
-            gc.collect()
+    def release(self) -> None:
+        """Collect garbage and give the memory freed back (CuPy's and PyTorch's pools)."""
+        gc.collect()
         torch = sys.modules.get("torch")
         if self.gpu:
             self.xp.get_default_memory_pool().free_all_blocks()
@@ -119,9 +112,7 @@ class Machine:
         xp, n = self.xp, COPY_BYTES[self.kind] // 4
         src, dst = xp.ones(n, dtype=np.float32), xp.zeros(n, dtype=np.float32)
         if self.gpu:
-            kernel = xp.ElementwiseKernel("T x", "T y", "y = x", "gpuopt_bench_copy")
-            copies = {"cudaMemcpy": lambda: dst.data.copy_from_device_async(src.data, n * 4),
-                      "copy kernel": lambda: kernel(src, dst)}
+            copies = self.device.copies(dst, src)
         elif self.device is not None:
             source = self.device.module_source(*_float32_module(Descent()))
             copies = {f"native copy, {self.threads} threads": lambda: self.device.copy(dst, src, source)}

@@ -35,7 +35,7 @@ HOST_CALLS = 50  # update calls timed on the host for the model
 #: the torch.optim.Adam baselines per machine: name -> keyword arguments
 TORCH_ADAM = {"cupy": {"torch_fused": {"fused": True}, "torch_foreach": {"foreach": True}},
               "numpy": {"torch": {}, "torch_fused": {"fused": True}}}
-Steps = tuple[Callable[[], Any], Callable[[], None], Any]  # (step, free its state, CUDA event class or None)
+Steps = tuple[Callable[[], Any], Any]  # (step, the CUDA event class that times it or None)
 #: the chains whose host time is compared with ADAM's
 CHAINS: dict[str, Callable[[], Rule]] = {"ClipNorm+ADAM": lambda: Optimiser(ClipNorm(1.0), ADAM()), CHAIN: RULES[CHAIN]}
 
@@ -49,13 +49,14 @@ class Run:
         self.torch = self.machine.torch() if config.torch else None
         self.notes: list[str] = []
         self.skipped: list[dict[str, Any]] = []  # sizes that did not fit in memory
-        self.copy: dict[str, Any] = {}  # the copy bandwidth, measured first
+        say("measuring copy bandwidth")
+        self.copy, self.builds = self.machine.copy_bandwidth(config.repeats), self.machine.build_times()
 
-    def timed(self, makers: dict[str, Callable[[], Steps]], where: str, required: tuple[str, ...] = ()
-              ) -> dict[str, dict[str, Any]]:
-        """Seconds per step of each of ``makers``' steps, timed together (see Machine.time_steps);
-        then their state is freed and collected (a rule's state map is in a reference cycle). A
-        baseline that fails to set up or to take a first step is recorded, not fatal."""
+    def timed(self, makers: dict[str, Callable[[], Steps]], where: str, ours: str) -> dict[str, dict[str, Any]]:
+        """Seconds per step of each of ``makers``' steps, timed together (see Machine.time_steps),
+        with ``ours``'s time as a multiple of each other's (``time_ratio``); then the steps are
+        dropped and collected (a rule's state map is in a reference cycle). A baseline that fails
+        to set up or to take a first step is recorded, not fatal."""
         c, ready, out = self.config, {}, {}
         try:
             for name, make in makers.items():
@@ -63,30 +64,26 @@ class Run:
                     ready[name] = make()
                     ready[name][0]()  # (a first step: a baseline that cannot run fails here)
                 except Exception as exc:
-                    if name in required:
+                    ready.pop(name, None)  # (not timed)
+                    if name == ours:
                         raise
-                    out[name] = self.failed(f"{name} {where}", exc)
-            out.update(self.machine.time_steps({name: (step, events) for name, (step, _, events) in ready.items()},
-                                               c.repeats, c.warmup, REPEAT_TARGET_S[c.backend],
+                    out[name] = {"error": _summary(exc)}
+                    self.notes.append(f"{name} {where} failed: {out[name]['error']}")
+                    self.say(f"note: {self.notes[-1]}")
+            out.update(self.machine.time_steps(ready, c.repeats, c.warmup, REPEAT_TARGET_S[c.backend],
                                                frozenset(TORCH_ADAM[c.backend])))
         finally:
-            for _, free, _ in ready.values():
-                free()
             ready.clear()
-            self.machine.release(collect=True)
+            self.machine.release()
+        for entry in out.values():
+            if "time_s" in entry and entry is not out[ours]:
+                entry["time_ratio"] = out[ours]["time_s"] / entry["time_s"]
         return out
 
-    def failed(self, what: str, exc: Exception) -> dict[str, Any]:
-        message = _summary(exc)
-        self.notes.append(f"{what} failed: {message}")
-        self.say(f"note: {self.notes[-1]}")
-        return {"error": message}
-
     @staticmethod
-    def updates(rule: Rule, x: Any, g: Any, one_call: bool = True) -> Steps:
-        """``update(rule, x, g)``, or a loop of one call per tensor of ``x`` and ``g``."""
-        calls = [(x, g)] if one_call else list(zip(x, g))
-        return lambda: [update(rule, p, q) for p, q in calls], rule.reset, None
+    def updates(rule: Rule, *calls: tuple[Any, Any]) -> Steps:
+        """A step of ``update(rule, x, g)`` for each ``(x, g)`` of ``calls``."""
+        return lambda: [update(rule, x, g) for x, g in calls], None
 
     def torch_steps(self, params: list[Any], grads: list[Any], make: Callable[[list[Any]], Any]) -> Steps:
         """``make(tensors).step()`` on tensors sharing the memory of ``params``, ``grads`` as their ``.grad``."""
@@ -94,22 +91,15 @@ class Run:
         tensors = [view(p) for p in params]
         for tensor, g in zip(tensors, grads):
             tensor.grad = view(g)
-        opt = make(tensors)
-
-        def free() -> None:  # torch.optim keeps state in opt.state, gpuopt.torch.Optimizer in its rules
-            opt.state.clear()
-            for group in opt.param_groups:
-                if "rule" in group:
-                    group["rule"].reset()
-        return opt.step, free, self.torch.cuda.Event
+        return make(tensors).step, self.torch.cuda.Event
 
     def baselines(self, factory: Callable[[], Rule], params: list[Any], grads: list[Any]
                   ) -> dict[str, Callable[[], Steps]]:
         """The plain formula's and (for ADAM) PyTorch's steps on the same arrays."""
         out: dict[str, Callable[[], Steps]] = {}
         if self.config.baselines:
-            out["unfused"] = lambda: (functools.partial(Unfused(factory(), self.machine.xp).step_many, params, grads),
-                                      lambda: None, None)
+            xp = self.machine.xp
+            out["unfused"] = lambda: (functools.partial(Unfused(factory(), xp).step_many, params, grads), None)
         if type(factory()) is ADAM and self.torch is not None:
             adam = self.torch.optim.Adam
             for name, kwargs in TORCH_ADAM[self.config.backend].items():
@@ -120,7 +110,7 @@ class Run:
     def sizes(self) -> list[dict[str, Any]]:
         c, results = self.config, []
         for k in c.sizes:
-            self.machine.release(collect=True)  # a full collection (slow with torch loaded) per size
+            self.machine.release()  # a full collection (slow with torch loaded) per size
             try:
                 x, g = (self.machine.random(1 << k, c.dtype, seed=seed) for seed in (k, 1000 + k))
                 for i, (name, factory) in enumerate(c.rules, 1):
@@ -133,12 +123,9 @@ class Run:
 
     def row(self, name: str, factory: Callable[[], Rule], k: int, x: Any, g: Any) -> dict[str, Any]:
         """One rule at one size: gpuopt's time, GB/s, and the baselines' times in proportion."""
-        baselines = self.timed({"gpuopt": lambda: self.updates(factory(), x, g), **self.baselines(factory, [x], [g])},
-                               f"at 2^{k} {name}", required=("gpuopt",))
+        baselines = self.timed({"gpuopt": lambda: self.updates(factory(), (x, g)), **self.baselines(factory, [x], [g])},
+                               f"at 2^{k} {name}", ours="gpuopt")
         timing, bpe = baselines.pop("gpuopt"), bytes_per_element(factory(), self.config.dtype)
-        for base in baselines.values():
-            if "time_s" in base:  # gpuopt's time as a multiple of the baseline's
-                base["time_ratio"] = timing["time_s"] / base["time_s"]
         gbps = (bpe << k) / timing["time_s"] / 1e9
         return {"rule": name, "log2": k, "elements": 1 << k, "dtype": self.config.dtype.name, "bytes_per_element": bpe,
                 "bytes": bpe << k, **timing, "gbps": gbps, "pct_copy": 100 * gbps / self.copy["gbps"],
@@ -150,7 +137,7 @@ class Run:
         c, machine = self.config, self.machine
         names, shapes = zip(*gpt2_shapes(c.model_layers, c.model_width))
         total, bpe = sum(map(math.prod, shapes)), bytes_per_element(ADAM(), c.dtype)
-        machine.release(collect=True)
+        machine.release()
         params = [machine.random(shape, c.dtype, seed=i) for i, shape in enumerate(shapes)]
         grads = [machine.random(shape, c.dtype, seed=10_000 + i) for i, shape in enumerate(shapes)]
         self.say(f"model ({len(shapes)} tensors): gpuopt and the baselines, in turn")
@@ -158,25 +145,23 @@ class Run:
         if machine.gpu:  # also the host time of one call (its launches queued, not waited for)
             host = host_times(lambda: functools.partial(update, opt, params, grads), HOST_CALLS, lambda: None)
             opt.reset()
-        makers = {"multi_tensor": lambda: self.updates(ADAM(), params, grads),
-                  "per_tensor_loop": lambda: self.updates(ADAM(), params, grads, one_call=False),
+        makers = {"multi_tensor": lambda: self.updates(ADAM(), (params, grads)),
+                  "per_tensor_loop": lambda: self.updates(ADAM(), *zip(params, grads)),
                   **self.baselines(ADAM, params, grads),
-                  "flat": lambda: self.updates(ADAM(), *(machine.random(total, c.dtype, seed=seed) for seed in (1, 2)))}
+                  "flat": lambda: self.updates(ADAM(), tuple(machine.random(total, c.dtype, seed=s) for s in (1, 2)))}
         if self.torch is not None:
             from ..torch import Optimizer
 
             makers["gpuopt_torch"] = lambda: self.torch_steps(params, grads, lambda tensors: Optimizer(tensors, ADAM()))
-        variants = self.timed(makers, "on the model", required=("multi_tensor",))
+        variants = self.timed(makers, "on the model", ours="multi_tensor")
         variants["multi_tensor"].update(host)
         params = grads = []
-        for name, v in variants.items():
+        for v in variants.values():
             if "time_s" in v:
                 v["gbps"] = bpe * total / v["time_s"] / 1e9
-                if name != "multi_tensor":  # gpuopt's one call's time as a multiple of this one's
-                    v["time_ratio"] = variants["multi_tensor"]["time_s"] / v["time_s"]
-        ours, fused = variants.get("gpuopt_torch", {}), variants.get("torch_fused", {})
-        if "time_s" in ours and "time_s" in fused:  # the drop-in replacement against torch's best
-            ours["time_ratio_to_torch_fused"] = ours["time_s"] / fused["time_s"]
+        drop_in, fused = variants.get("gpuopt_torch", {}), variants.get("torch_fused", {})
+        if "time_s" in drop_in and "time_s" in fused:  # the drop-in replacement against torch's best
+            drop_in["time_ratio_to_torch_fused"] = drop_in["time_s"] / fused["time_s"]
         return {"rule": "ADAM", "dtype": c.dtype.name, "tensors": len(shapes), "parameters": total,
                 "layers": c.model_layers, "width": c.model_width, "bytes_per_element": bpe,
                 "shapes": {name: list(shape) for name, shape in zip(names, shapes)}, "variants": variants}
@@ -192,15 +177,12 @@ def benchmark(config: argparse.Namespace, say: Callable[[str], None] | None = No
     report (what ``--json`` writes); ``say`` shows progress."""
     started = time.perf_counter()
     run = Run(config, say or (lambda message: None))
-    machine = run.machine
-    run.say("measuring copy bandwidth")
-    run.copy, builds = machine.copy_bandwidth(config.repeats), machine.build_times()
     results, model = run.sizes(), run.model() if config.model else None
-    report = run_record("rules", {"backend": config.backend, **machine.describe()}, {
+    report = run_record("rules", {"backend": config.backend, **run.machine.describe()}, {
         "rules": [name for name, _ in config.rules], "sizes_log2": config.sizes, "dtype": config.dtype.name,
         "repeats": config.repeats, "warmup": config.warmup, "model": config.model, "baselines": config.baselines,
-        "torch": config.torch, "timer": "CUDA events" if machine.gpu else "time.perf_counter"})
-    report.update(copy_bandwidth=run.copy, native_build=builds, results=results, skipped=run.skipped, model=model,
+        "torch": config.torch, "timer": "CUDA events" if run.machine.gpu else "time.perf_counter"})
+    report.update(copy_bandwidth=run.copy, native_build=run.builds, results=results, skipped=run.skipped, model=model,
                   notes=run.notes, elapsed_s=time.perf_counter() - started)
     report["targets"] = evaluate_targets(report)
     return report
@@ -272,9 +254,9 @@ def host_benchmark(calls: int = 500, layers: int = 12, width: int = 768, many: i
                     **({f"torch ADAM/{kind}": (ADAM, shapes, tensors, False),
                         f"torch Optimizer.step/{kind}": (ADAM, shapes, tensors, True)} if torch is not None else {})}
             for name, (factory, case_shapes, make, step) in runs.items():
-                rule = factory()
-                cases[name] = host_times(calls_of(rule, case_shapes, make, kind == "new", step), calls, machine.sync)
-                rule.reset()
+                next_call = calls_of(factory(), case_shapes, make, kind == "new", step)
+                cases[name] = host_times(next_call, calls, machine.sync)
+                del next_call  # its rule, state and arrays: freed (a reference cycle) before the next case's
                 gc.collect()
     report = run_record("host", {"backend": "host-cupy" if launches else "host-noop", **machine.describe()}, {
         "calls": calls, "tensors": len(shapes), "layers": layers, "width": width, "many": many, "dtype": "float32",
