@@ -193,11 +193,11 @@ def test_the_reference_copy_copies_every_byte(size, dst_offset, src_offset, devi
     """The benchmark's copy (streaming stores from a 16-byte boundary of the destination,
     four runs of each piece at once, plain bytes at both ends) at any alignment and size."""
     device.cpu_threads = 2
-    source = device.module_source(plan(ALL["Descent"]()), np.dtype(np.float32), np.dtype(np.float32), False)
     src = np.random.default_rng(size).integers(0, 256, size + src_offset, dtype=np.uint8)[src_offset:]
     buffer = np.zeros(size + dst_offset + 16, dtype=np.uint8)
     dst = buffer[dst_offset:dst_offset + size]
-    device.copy(dst, src, source)
+    (copy,) = device.copies(dst, src).values()
+    copy()
     assert np.array_equal(dst, src)
     assert not buffer[:dst_offset].any() and not buffer[dst_offset + size:].any()  # nothing outside
 

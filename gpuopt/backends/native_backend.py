@@ -21,14 +21,16 @@ import os
 import platform
 import struct
 import subprocess
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..plan import Program
+from ..plan import Program, plan
 from . import cxx_build
 from .cuda_source import _template, step_source
 from .nvrtc import cache_dir  # the one per-user cache folder (native modules go in native/)
@@ -181,9 +183,34 @@ class NativeDevice:
 
         return launch
 
-    def copy(self, dst: np.ndarray, src: np.ndarray, source: str) -> None:
-        """``dst[...] = src`` (contiguous, same size) with the update's threads (benchmarks)."""
-        self.kernel(source, "gpuopt_copy")(1, 1, [dst, src, np.int64(src.nbytes)])
+    # -- what reports say about it (the benchmark) -------------------------------------------
+
+    def copies(self, dst: np.ndarray, src: np.ndarray) -> dict[str, Callable[[], None]]:
+        """``dst[...] = src`` (contiguous, the same size) with the update's threads, by name: the
+        reference for an update's bandwidth. (Every module has the copy: Descent's is built.)"""
+        launch = self.kernel(self.module_source(*_float32_module("Descent")), "gpuopt_copy")
+        return {f"native copy, {self.cpu_threads} threads": lambda: launch(1, 1, [dst, src, np.int64(src.nbytes)])}
+
+    def build_times(self) -> dict[str, float]:
+        """Seconds to build one module (ADAM's) from nothing, in a fresh cache folder, and to load
+        it again as a new process would (the cache on disk, the compiler's version asked anew)."""
+        times = {}
+        with tempfile.TemporaryDirectory(prefix="gpuopt-build-time-") as folder:
+            for what in ("first_build_s", "cached_start_s"):
+                cxx_build.compiler_identity.cache_clear()
+                start = time.perf_counter()
+                device = type(self)(self.compiler, Path(folder))
+                device.library(device.module_source(*_float32_module("ADAM")))
+                times[what] = time.perf_counter() - start
+        return times
+
+
+def _float32_module(rule: str) -> tuple[Program, np.dtype, np.dtype, bool]:
+    """The arguments of ``module_source`` for a built-in rule (by name, with its defaults) on
+    float32 arrays."""
+    from .. import rules  # (here: the rules' module imports the backends)
+
+    return plan(getattr(rules, rule)()), np.dtype(np.float32), np.dtype(np.float32), False
 
 
 class PreparedElementwise:

@@ -9,17 +9,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..backends import cxx_build, describe, get_backend
-from ..plan import plan
-from ..rules import ADAM, Descent
+from ..backends import describe, get_backend
 
 MAX_INNER = 1000  # steps in one timed repeat at most
 SETTLE_S = 0.02  # libgomp's threads spun for about 10 ms after torch's Adam here, slowing a 2-thread update by 25%
@@ -107,17 +103,12 @@ class Machine:
                 torch.cuda.empty_cache()
 
     def copy_bandwidth(self, repeats: int) -> dict[str, Any]:
-        """GB/s of a copy (bytes read + written) of a buffer far larger than any cache: on the GPU
-        the faster of cudaMemcpy and a copy kernel; on the CPU the copy on the threads an update uses."""
+        """GB/s of a copy (bytes read + written) of a buffer far larger than any cache, the fastest
+        of the ways the device copies (on the GPU cudaMemcpy and a copy kernel; on the CPU a copy
+        on the threads an update uses)."""
         xp, n = self.xp, COPY_BYTES[self.kind] // 4
         src, dst = xp.ones(n, dtype=np.float32), xp.zeros(n, dtype=np.float32)
-        if self.gpu:
-            copies = self.device.copies(dst, src)
-        elif self.device is not None:
-            source = self.device.module_source(*_float32_module(Descent()))
-            copies = {f"native copy, {self.threads} threads": lambda: self.device.copy(dst, src, source)}
-        else:
-            copies = {"np.copyto": lambda: np.copyto(dst, src)}
+        copies = self.device.copies(dst, src) if self.device is not None else {"np.copyto": lambda: np.copyto(dst, src)}
         timed = self.time_steps({method: (copy, None) for method, copy in copies.items()}, max(repeats, 5),
                                 3 if self.gpu else 1, 0.0)
         rates = {method: 2 * n * 4 / t["time_s"] / 1e9 for method, t in timed.items()}
@@ -125,19 +116,9 @@ class Machine:
         return {"gbps": rates[best], "method": best, "buffer_bytes": n * 4, "gbps_by_method": rates}
 
     def build_times(self) -> dict[str, float] | None:
-        """Seconds to build one native module from nothing (a fresh cache folder) and to load it
-        again as a new process would (cache on disk, compiler version asked anew)."""
-        if self.gpu or self.device is None:
-            return None
-        times = {}
-        with tempfile.TemporaryDirectory(prefix="gpuopt-bench-build-") as folder:
-            for what in ("first_build_s", "cached_start_s"):
-                cxx_build.compiler_identity.cache_clear()
-                start = time.perf_counter()
-                device = type(self.device)(self.device.compiler, Path(folder))
-                device.library(device.module_source(*_float32_module(ADAM())))
-                times[what] = time.perf_counter() - start
-        return times
+        """Seconds to build a native module and to load it from the cache; None on the GPU or the
+        NumPy executor."""
+        return None if self.gpu or self.device is None else self.device.build_times()
 
     def torch(self) -> Any:
         """PyTorch where it is importable (with CUDA on the GPU; on the CPU set to the threads an
@@ -150,7 +131,3 @@ class Machine:
             torch.set_num_threads(self.threads)
         return torch if not self.gpu or torch.cuda.is_available() else None
 
-
-def _float32_module(rule: Any) -> tuple[Any, ...]:
-    """The arguments of ``module_source`` for ``rule`` on float32 arrays."""
-    return plan(rule), np.dtype(np.float32), np.dtype(np.float32), False
