@@ -18,7 +18,7 @@ import numpy as np
 from ..backends import describe, get_backend
 
 MAX_INNER = 1000  # steps in one timed repeat at most
-SETTLE_S = 0.02  # libgomp's threads spun for about 10 ms after torch's Adam here, slowing a 2-thread update by 25%
+SETTLE_S = 0.02  # libgomp's threads spun for about 10 ms after torch's Adam here (and took a core: 25% slower)
 #: bytes of the buffer whose copy gives the reference bandwidth
 COPY_BYTES = {"cupy": 1 << 30, "numpy": 256 << 20}
 
@@ -64,14 +64,15 @@ class Machine:
         end.synchronize()
         return (start.elapsed_time(end) if events else self.xp.cuda.get_elapsed_time(start, end)) / 1e3
 
-    def time_steps(self, steps: dict[str, tuple[Callable[[], Any], Any]], repeats: int, warmup: int, target_s: float,
-                   settle_after: frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    def time_steps(self, steps: dict[str, tuple[Callable[[], Any], Any]], repeats: int, warmup: int, target_s: float
+                   ) -> dict[str, dict[str, Any]]:
         """Seconds per step of each ``name: (step, events)``: warm up, pick how many steps one repeat
         runs (to last ``target_s``), then ``repeats`` repeats, taken in turn (a machine whose speed
         drifts during a run favours none of them); the median (``time_s``) and the fastest. On the
-        CPU a repeat of a name in ``settle_after`` is followed by a pause (untimed) in which its
-        OpenMP threads, which spin for milliseconds after their work, go to sleep instead of taking
-        a core from whatever is timed next."""
+        CPU every repeat follows a pause (untimed), so that each starts alike: OpenMP threads, which
+        spin for milliseconds after torch's work, asleep instead of taking a core from the next one,
+        and the caches as a pause leaves them (here a repeat right after a pause ran 10-20% slower
+        at 2^20 to 2^22 elements than the same step right after another's repeat)."""
         def run(step: Callable[[], Any], n: int) -> Callable[[], None]:
             return lambda: [step() for _ in range(n)]
         inner = {}
@@ -82,9 +83,9 @@ class Machine:
         times: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(repeats):
             for name, (step, events) in steps.items():
-                times[name].append(self.elapsed(run(step, inner[name]), events) / inner[name])
-                if name in settle_after and not self.gpu:
+                if not self.gpu:
                     time.sleep(SETTLE_S)
+                times[name].append(self.elapsed(run(step, inner[name]), events) / inner[name])
         return {name: {"time_s": statistics.median(t), "time_min_s": min(t), "repeats": repeats,
                        "steps_per_repeat": inner[name]} for name, t in times.items()}
 

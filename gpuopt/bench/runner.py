@@ -70,8 +70,7 @@ class Run:
                     out[name] = {"error": _summary(exc)}
                     self.notes.append(f"{name} {where} failed: {out[name]['error']}")
                     self.say(f"note: {self.notes[-1]}")
-            out.update(self.machine.time_steps(ready, c.repeats, c.warmup, REPEAT_TARGET_S[c.backend],
-                                               frozenset(TORCH_ADAM[c.backend])))
+            out.update(self.machine.time_steps(ready, c.repeats, c.warmup, REPEAT_TARGET_S[c.backend]))
         finally:
             ready.clear()
             self.machine.release()
