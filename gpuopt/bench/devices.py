@@ -7,6 +7,7 @@ import gc
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -67,12 +68,11 @@ class Machine:
     def time_steps(self, steps: dict[str, tuple[Callable[[], Any], Any]], repeats: int, warmup: int, target_s: float
                    ) -> dict[str, dict[str, Any]]:
         """Seconds per step of each ``name: (step, events)``: warm up, pick how many steps one repeat
-        runs (to last ``target_s``), then ``repeats`` repeats, taken in turn (a machine whose speed
-        drifts during a run favours none of them); the median (``time_s``) and the fastest. On the
-        CPU every repeat follows a pause (untimed), so that each starts alike: OpenMP threads, which
-        spin for milliseconds after torch's work, asleep instead of taking a core from the next one,
-        and the caches as a pause leaves them (here a repeat right after a pause ran 10-20% slower
-        at 2^20 to 2^22 elements than the same step right after another's repeat)."""
+        runs (to last ``target_s``), then ``repeats`` rounds of one repeat each, in a new order every
+        round (a machine whose speed drifts during a run favours none of them, and neither does a
+        position: here the same step ran up to 14% slower right after torch's than after another);
+        the median (``time_s``) and the fastest. On the CPU every repeat follows a pause (untimed):
+        OpenMP threads spin for milliseconds after torch's work, taking a core from the next one."""
         def run(step: Callable[[], Any], n: int) -> Callable[[], None]:
             return lambda: [step() for _ in range(n)]
         inner = {}
@@ -81,10 +81,12 @@ class Machine:
                 self.elapsed(run(step, warmup), events)
             inner[name] = max(1, min(MAX_INNER, math.ceil(target_s / max(self.elapsed(step, events), 1e-7))))
         times: dict[str, list[float]] = {name: [] for name in steps}
+        orders = random.Random(0)  # (the same orders every run)
         for _ in range(repeats):
-            for name, (step, events) in steps.items():
+            for name in orders.sample(list(steps), len(steps)):
                 if not self.gpu:
                     time.sleep(SETTLE_S)
+                step, events = steps[name]
                 times[name].append(self.elapsed(run(step, inner[name]), events) / inner[name])
         return {name: {"time_s": statistics.median(t), "time_min_s": min(t), "repeats": repeats,
                        "steps_per_repeat": inner[name]} for name, t in times.items()}
