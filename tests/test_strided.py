@@ -76,10 +76,11 @@ def test_strided_arrays_go_to_one_elementwise_launch_in_place(strided_device):
         gpuopt.update(opt, [x, flat], [g[:, ::1], strided_device.array(np.ones(100), 0)])
         (kernel, args), = strided_device.calls
         assert args[0] is not None and args[0].shape == x.shape
-        assert kernel.in_params.startswith("G g") and len(args) == 1 + 8 + 1 + 2
-        assert args[9] is x  # the parameter itself, written in place: no copy, no write-back
+        scalars = plan(opt).scalar_count
+        assert kernel.in_params.startswith("G g") and len(args) == 1 + scalars + 1 + 2  # g, h..., x, m, v
+        assert args[1 + scalars] is x  # the parameter itself, written in place: no copy, no write-back
         state = opt.state_for(x).slots
-        assert all(np.shares_memory(a, state) and a.shape == x.shape for a in args[10:])
+        assert all(np.shares_memory(a, state) and a.shape == x.shape for a in args[2 + scalars:])
         assert [launch.name for launch in strided_device.launched] == ["gpuopt_elementwise"]  # the other array
     with gpuopt.backends.get_backend("numpy").count_launches() as counter:
         gpuopt.apply(opt, x, g)
