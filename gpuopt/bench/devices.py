@@ -70,7 +70,7 @@ class Machine:
         """Seconds per step of each ``name: (step, events)``: warm up, pick how many steps one repeat
         runs (to last ``target_s``), then ``repeats`` rounds of one repeat each, in a new order every
         round (a machine whose speed drifts during a run favours none of them, and neither does a
-        position: here the same step ran up to 14% slower right after torch's than after another);
+        position: here the same step ran up to 15% slower right after torch's than after another);
         the median (``time_s``) and the fastest. On the CPU every repeat follows a pause (untimed):
         OpenMP threads spin for milliseconds after torch's work, taking a core from the next one."""
         def run(step: Callable[[], Any], n: int) -> Callable[[], None]:
