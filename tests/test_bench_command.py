@@ -318,7 +318,7 @@ def _result(rule, log2, time_s, copy=3000.0, **baselines):
 # -- timing ------------------------------------------------------------------------------------
 
 
-def test_steps_timed_together_take_their_repeats_in_turn():
+def test_steps_timed_together_take_one_repeat_each_a_round_in_changing_orders():
     """A machine whose speed drifts during a run must not favour whichever ran first."""
     from gpuopt.bench.devices import Machine
 
