@@ -15,6 +15,7 @@ Two checks use this:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -181,16 +182,18 @@ class Disjoint:
         self.high_offsets = np.array([o[1] for o in offsets], dtype=np.int64)
         # The last two sets of pointers found apart: memory pools hand the same addresses out
         # again, often alternating between two sets (the old gradients live while new ones are made).
-        self.cleared: list[list[int]] = []
+        self.cleared: list[bytes | tuple[int, ...]] = []
 
-    def meets(self, pointers: list[int]) -> bool:
-        """Whether gradients at ``pointers`` (laid out as the old ones) meet a parameter."""
-        if pointers in self.cleared:
+    def meets(self, pointers: Sequence[int]) -> bool:
+        """Whether gradients at ``pointers`` (a list, or an int64 array) laid out as the old
+        ones meet a parameter."""
+        key = pointers.tobytes() if isinstance(pointers, np.ndarray) else tuple(pointers)
+        if key in self.cleared:
             return False
-        start = np.array(pointers, dtype=np.int64)
+        start = np.asarray(pointers, dtype=np.int64)
         # The last parameter starting before each gradient ends is the only one it can meet.
         before = self.lows.searchsorted(start + self.high_offsets) - 1
         if (self.highs[before] > start + self.low_offsets).any():
             return True
-        self.cleared = [pointers, *self.cleared[:1]]
+        self.cleared = [key, *self.cleared[:1]]
         return False

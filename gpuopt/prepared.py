@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import rule as rule_module
+from . import tensor_records
 from .backends import get_backend
 from .backends.protocol import Job, PreparedLaunch
 from .identities import Identities
@@ -80,6 +81,8 @@ class _ArrayKind:
     def __init__(self, kind: type, device_pointer: Callable[[Any], int]):
         module = _family(kind)
         self.torch = module == "torch"
+        #: PyTorch tensors' layouts and addresses in one call to C++, where it could be built
+        self.records = tensor_records.reader() if self.torch else None
         if self.torch:
             tensor = sys.modules["torch"].Tensor
             self.pointer = tensor.data_ptr
@@ -100,12 +103,40 @@ class _ArrayKind:
     def pointers(self, arrays: Sequence[Any]) -> list[int]:
         return list(map(self.pointer, arrays))
 
-    def layouts(self, arrays: Sequence[Any]) -> list[list[Any]]:
+    def layouts(self, arrays: Sequence[Any]) -> Any:
+        """What :meth:`take` compares: the records without their addresses, or one list per
+        attribute. (Tensors the C++ reader cannot describe: read in Python from now on.)"""
+        if self.records is not None:
+            records = self.records.records(arrays)
+            if (records[:, 1] >= 0).all():
+                return np.ascontiguousarray(records[:, 1:])
+            self.records = None
         return [list(map(read, arrays)) for read in self.layout]
 
-    def same_layouts(self, arrays: Sequence[Any], expected: list[list[Any]]) -> bool:
-        """Whether ``arrays`` have the layouts ``expected`` (stops at the first difference)."""
-        return all(list(map(read, arrays)) == want for read, want in zip(self.layout, expected))
+    def take(self, arrays: Sequence[Any], expected: Any) -> Sequence[int] | None:
+        """The addresses of ``arrays`` if their layouts are ``expected`` (from :meth:`layouts`),
+        else None (after the first difference, nothing more is read)."""
+        if self.records is not None:
+            return self.records.take(arrays, expected)
+        if not all(list(map(read, arrays)) == want for read, want in zip(self.layout, expected)):
+            return None
+        return self.pointers(arrays)
+
+    def places(self, arrays: Sequence[Any]) -> Any:
+        """Where the elements of ``arrays`` are, to notice a torch parameter's storage replaced
+        (``p.data = ...``): with the C++ reader whole records, so that a new storage at the same
+        address (a slice, another dtype's view) shows too; else addresses."""
+        if self.records is not None:
+            records = self.records.records(arrays)
+            if (records[:, 1] >= 0).all():
+                return records
+            self.records = None
+        return self.pointers(arrays)
+
+    def same_places(self, arrays: Sequence[Any], places: Any) -> bool:
+        if isinstance(places, np.ndarray):
+            return self.records is not None and np.array_equal(self.records.records(arrays), places)
+        return self.pointers(arrays) == places
 
 
 class PreparedUpdate:
@@ -130,7 +161,7 @@ class PreparedUpdate:
         self._params_alive = [weakref.ref(p, forget) for p in params]
         self.param_ids = Identities(params)
         # A torch parameter keeps its identity when its storage is replaced (p.data = ...).
-        self.param_pointers = param_kind.pointers(params) if param_kind.torch else None
+        self.param_places = param_kind.places(params) if param_kind.torch else None
         # Host memory that native code writes through raw pointers, ignoring the flag (not a
         # registered stand-in for device memory):
         self.writeable_flags = isinstance(params[0], np.ndarray) and type(params[0]) not in POINTER_READERS
@@ -162,10 +193,10 @@ class PreparedUpdate:
     def _take_gradients(self, grads: Sequence[Any]) -> bool:
         """Swap in new gradient arrays if each is like the one it replaces; False, changing
         nothing, if any is not (None, another dtype, shape, layout or device)."""
-        if list(map(type, grads)) != self.grad_types or not self.grad_kind.same_layouts(grads, self.grad_layouts):
+        if list(map(type, grads)) != self.grad_types:
             return False
-        pointers = self.grad_kind.pointers(grads)
-        if self.param_memory.meets(pointers):
+        pointers = self.grad_kind.take(grads, self.grad_layouts)
+        if pointers is None or self.param_memory.meets(pointers):
             return False  # (the full path names the arrays that share memory, and refuses them)
         self.launch.set_gradient_pointers(pointers)
         self._grad_refs = []
@@ -188,7 +219,7 @@ class PreparedUpdate:
                 or leaves != self.leaves  # (the same rules: the same program, traced from their classes)
                 or list(map(_state_version, leaves)) != self.versions
                 or rule_module.state_edits != self.state_edits  # (a step count set by hand)
-                or (self.param_pointers is not None and self.param_kind.pointers(params) != self.param_pointers)
+                or (self.param_places is not None and not self.param_kind.same_places(params, self.param_places))
                 or (self.writeable_flags and not all(map(_writeable, params)))):
             return False  # (a NumPy parameter made read-only since: the full path refuses it)
         if not (self.grads_alive and self.grad_ids.match(grads)) and not self._take_gradients(grads):

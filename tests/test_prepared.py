@@ -1,7 +1,8 @@
 """The prepared path of a collection update: which calls take it (counted, not inferred from
 results), with new gradient arrays every step and with PyTorch tensors, and what it keeps
-right (one step count per rule, replaced storage, dead gradients). Host logic only: a device
-that launches nothing (the CUDA text itself is checked in test_kernels.py)."""
+right (one step count per rule, replaced storage, dead gradients); the identity check and the
+C++ reader of PyTorch tensors' layouts it uses. Host logic only: a device that launches
+nothing (the CUDA text itself is checked in test_kernels.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpuopt
-from gpuopt import identities
+from gpuopt import identities, tensor_records
 from gpuopt.__main__ import main
 from gpuopt.backends import backend_override
 from gpuopt.backends.kernel_backend import KernelBackend
@@ -121,7 +122,28 @@ def test_one_step_count_per_rule_while_arrays_step_together(noop):
     assert [opt[1].state_for(p).t for p in params] == [4, 4, 4]
 
 
-def test_torch_parameter_with_replaced_storage_takes_the_full_path(noop):
+@pytest.fixture(params=["native", "python"])
+def records_helper(request, monkeypatch):
+    """PyTorch tensors read by the C++ helper (gpuopt.tensor_records), or by their Python getters."""
+    pytest.importorskip("torch")
+    if request.param == "native":
+        if tensor_records.reader() is None:
+            missing("the tensor-record helper could not be built (C++ compiler or torch's headers missing)")
+    else:
+        monkeypatch.setattr(tensor_records, "reader", lambda: None)
+    return request.param
+
+
+@pytest.fixture
+def reader():
+    pytest.importorskip("torch")
+    built = tensor_records.reader()
+    if built is None:
+        missing("the tensor-record helper could not be built (C++ compiler or torch's headers missing)")
+    return built
+
+
+def test_torch_parameter_with_replaced_storage_takes_the_full_path(noop, records_helper):
     torch = pytest.importorskip("torch")
     params = [torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(20))]
     opt = gpuopt.ADAM()
@@ -130,6 +152,87 @@ def test_torch_parameter_with_replaced_storage_takes_the_full_path(noop):
     gpuopt.update(opt, params, grads)
     params[1].data = torch.zeros(20)  # same object, new memory
     assert _paths(lambda: gpuopt.update(opt, params, grads)) == {"full": 1, "prepared": 0}
+
+
+@pytest.mark.parametrize("replace", ["a slice", "another dtype's view"])
+def test_torch_storage_replaced_at_the_same_address_is_noticed_by_the_records(noop, reader, replace):
+    """Same object, same address, other elements: the full path decides (here: it refuses the
+    old gradient's shape). Only the records see it (without the helper, addresses are compared)."""
+    torch = pytest.importorskip("torch")
+    params = [torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(20))]
+    opt = gpuopt.ADAM()
+    grads = _torch_grads((10, 20))
+    gpuopt.update(opt, params, grads)
+    gpuopt.update(opt, params, grads)
+    params[1].data = params[1].data[:10] if replace == "a slice" else params[1].data.view(torch.float16)
+    before = dict(PATHS)
+    with pytest.raises(ValueError, match=r"params\[1\] has shape"):
+        gpuopt.update(opt, params, grads)
+    assert PATHS["prepared"] == before.get("prepared", 0)
+
+
+@pytest.mark.parametrize("new_grads", [False, True])
+def test_torch_tensors_step_the_same_with_either_reader(noop, records_helper, new_grads):
+    torch = pytest.importorskip("torch")
+    params = [torch.nn.Parameter(torch.arange(n, dtype=torch.float32)) for n in SIZES]
+    opt = gpuopt.ADAM()
+    fixed = [torch.full((n,), 0.5) for n in SIZES]
+    steps = _paths(lambda: [gpuopt.update(opt, params, [g.clone() for g in fixed] if new_grads else fixed)
+                            for _ in range(5)])
+    assert steps == {"full": 1, "prepared": 4}
+    assert all(leaf.state_for(p).t == 5 for leaf in opt.leaves() for p in params)
+
+
+# -- the C++ reader of PyTorch tensors -----------------------------------------------------------
+
+
+
+def _record_tensors():
+    torch = pytest.importorskip("torch")
+    return {
+        "contiguous": torch.ones(300), "2-d": torch.ones(3, 5), "transposed": torch.ones(3, 5).t(),
+        "float16": torch.ones(4, dtype=torch.float16), "bfloat16": torch.ones(4, dtype=torch.bfloat16),
+        "a parameter": torch.nn.Parameter(torch.ones(6)), "0-d": torch.tensor(2.0), "empty": torch.ones(0),
+        "an offset view": torch.ones(10)[3:], "8-d": torch.ones([2] * 8),
+    }
+
+
+@pytest.mark.parametrize("name", ["contiguous", "2-d", "transposed", "float16", "bfloat16", "a parameter", "0-d",
+                                  "empty", "an offset view", "8-d"])
+def test_tensor_records_say_what_the_getters_say(reader, name):
+    torch = pytest.importorskip("torch")
+    t = _record_tensors()[name]
+    record = reader.records([t])[0]
+    assert record.shape == (tensor_records.WIDTH,)
+    assert record[0] == t.data_ptr() and record[3] == t.get_device() and record[4] == t.is_contiguous()
+    assert record[5] == t.dim() and list(record[6:6 + t.dim()]) == list(t.shape) and not record[6 + t.dim():].any()
+    same_dtype = reader.records([torch.ones(1, dtype=t.dtype)])[0]
+    assert record[1] == same_dtype[1] >= 0 and record[2] == same_dtype[2]
+    others = {torch.float32, torch.float16, torch.bfloat16} - {t.dtype}
+    assert all(reader.records([torch.ones(1, dtype=d)])[0][1] != record[1] for d in others)
+
+
+def test_tensors_the_records_cannot_describe_are_marked(reader):
+    torch = pytest.importorskip("torch")
+    records = reader.records([torch.ones(3).to_sparse(), torch.ones([1] * 9), torch.ones(2)])
+    assert list(records[:, 1] < 0) == [True, True, False]
+
+
+@pytest.mark.parametrize("where", [0, 2, 4])
+@pytest.mark.parametrize("change", ["dtype", "shape, same size", "strided", "device kind", "undescribable"])
+def test_take_gives_addresses_only_where_every_layout_is_as_expected(reader, where, change):
+    torch = pytest.importorskip("torch")
+    make = [lambda: torch.ones(6), lambda: torch.ones(2, 3), lambda: torch.ones(3), lambda: torch.ones(4),
+            lambda: torch.ones(5, dtype=torch.float16)]
+    expected = np.ascontiguousarray(reader.records([m() for m in make])[:, 1:])
+    fresh = [m() for m in make]
+    assert list(reader.take(fresh, expected)) == [t.data_ptr() for t in fresh]
+    old = fresh[where]
+    fresh[where] = {"dtype": lambda: old.to(torch.float64), "shape, same size": lambda: old.reshape(-1, 1),
+                    "strided": lambda: torch.ones(2 * old.numel())[::2].reshape(old.shape),
+                    "device kind": lambda: torch.ones(old.shape, dtype=old.dtype, device="meta"),
+                    "undescribable": lambda: old.to_sparse()}[change]()
+    assert reader.take(fresh, expected) is None
 
 
 def test_gradient_ids_prove_nothing_once_the_gradients_died(noop):
