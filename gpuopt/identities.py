@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import subprocess
 import sys
 import sysconfig
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,6 @@ import numpy as np
 from .backends import cxx_build
 from .backends.cuda_source import kernel_dir
 from .backends.nvrtc import cache_dir
-
-_BUILD_LOCK = threading.Lock()
 
 
 class Identities:
@@ -94,16 +90,10 @@ class _Helper:
 @functools.cache
 def native_helper() -> _Helper | None:
     """The built helper, or None where it cannot be built here (Python answers instead)."""
-    compiler = cxx_build.find_compiler()
     include = sysconfig.get_paths().get("include")
-    if compiler is None or not include or not (Path(include) / "Python.h").is_file():
+    if not include or not (Path(include) / "Python.h").is_file():
         return None
     # The headers' interpreter is part of the cache key, through the source text.
     source = f"// for Python {sys.version} ({include})\n{(kernel_dir() / 'identities.cpp').read_text()}"
-    command = [compiler, "-O2", "-shared", "-fPIC", f"-I{include}", "identities.cpp", "-o", "identities.so"]
-    try:
-        with _BUILD_LOCK:
-            folder = cxx_build.build([command], {"identities.cpp": source}, cache_dir() / "host")
-        return _Helper(ctypes.PyDLL(str(folder / "identities.so")))
-    except (cxx_build.BuildError, OSError, subprocess.SubprocessError):
-        return None
+    library = cxx_build.host_helper("identities", source, [f"-I{include}"], cache_dir() / "host")
+    return None if library is None else _Helper(library)

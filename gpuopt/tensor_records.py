@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 from operator import attrgetter
 from pathlib import Path
@@ -32,7 +30,6 @@ from .backends.nvrtc import cache_dir
 #: int64 fields per record: address, scalar type (-1: not describable), device type, device
 #: index, contiguous, dimensions, then 8 sizes (as in kernels/tensor_records.cpp)
 WIDTH = 14
-_BUILD_LOCK = threading.Lock()
 _cdata = attrgetter("_cdata")
 
 
@@ -73,9 +70,6 @@ def reader() -> Reader | None:
 @functools.cache
 def _built(version: str) -> Reader | None:
     torch = sys.modules["torch"]
-    compiler = cxx_build.find_compiler()
-    if compiler is None:
-        return None
     root = Path(torch.__file__).parent
     include, lib = root / "include", root / "lib"
     if not (include / "c10" / "core" / "TensorImpl.h").is_file():
@@ -83,12 +77,7 @@ def _built(version: str) -> Reader | None:
     # torch's version and place are part of the cache key, through the source text.
     source = f"// for torch {version} ({root})\n{(kernel_dir() / 'tensor_records.cpp').read_text()}"
     abi = int(getattr(torch, "compiled_with_cxx11_abi", lambda: True)())
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-               f"-I{include}", "tensor_records.cpp", "-o", "tensor_records.so", f"-L{lib}", "-lc10",
-               f"-Wl,-rpath,{lib}"]
-    try:
-        with _BUILD_LOCK:
-            folder = cxx_build.build([command], {"tensor_records.cpp": source}, cache_dir() / "host")
-        return Reader(ctypes.PyDLL(str(folder / "tensor_records.so")))
-    except (cxx_build.BuildError, OSError, subprocess.SubprocessError):
-        return None
+    flags = ["-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}"]
+    library = cxx_build.host_helper("tensor_records", source, flags, cache_dir() / "host",
+                                    link=[f"-L{lib}", "-lc10", f"-Wl,-rpath,{lib}"])
+    return None if library is None else Reader(library)

@@ -11,16 +11,19 @@ address space capped, so a runaway compiler fails its build instead of the machi
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 MEMORY_LIMIT = 4 << 30  # bytes of address space per compiler process
+_HOST_LOCK = threading.Lock()  # one helper build at a time in this process
 TIMEOUT = 600.0  # seconds per command
 
 
@@ -108,3 +111,21 @@ def _run_limited(command: Sequence[str], cwd: Path, memory_limit: int) -> None:
     if result.returncode != 0:
         output = (result.stderr + result.stdout)[-6000:]
         raise BuildError(f"{Path(command[0]).name} failed (exit {result.returncode}):\n{output}")
+
+
+def host_helper(name: str, source: str, flags: Sequence[str], cache: Path, link: Sequence[str] = ()
+                ) -> ctypes.PyDLL | None:
+    """``name``.cpp (``source``) built with the system compiler and ``flags`` into a shared
+    library linked with ``link`` (after the source: libraries), cached, and loaded for calls that
+    hold the GIL (``ctypes.PyDLL``); None where no compiler works or it cannot be built or
+    loaded (the caller has a Python way)."""
+    compiler = find_compiler()
+    if compiler is None:
+        return None
+    command = [compiler, "-O2", "-shared", "-fPIC", *flags, f"{name}.cpp", "-o", f"{name}.so", *link]
+    try:
+        with _HOST_LOCK:
+            folder = build([command], {f"{name}.cpp": source}, cache)
+        return ctypes.PyDLL(str(folder / f"{name}.so"))
+    except (BuildError, OSError, subprocess.SubprocessError):
+        return None
