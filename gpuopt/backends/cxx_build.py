@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 MEMORY_LIMIT = 4 << 30  # bytes of address space per compiler process
-_HOST_LOCK = threading.Lock()  # one helper build at a time in this process
 TIMEOUT = 600.0  # seconds per command
+_HOST_LOCK = threading.Lock()  # one host helper built at a time in this process
 
 
 class BuildError(RuntimeError):
