@@ -10,6 +10,7 @@ import gpuopt
 from gpuopt.dispatch import gpu_available
 
 from .cases import ALL, CHAINS, RULES
+from .paths import counted_paths
 
 pytestmark = [
     pytest.mark.gpu,
@@ -279,17 +280,15 @@ def _numpy_reference(factory, host_params, host_grads_per_step):
 def test_new_cupy_gradients_every_step_take_the_prepared_path():
     import cupy
 
-    from gpuopt.prepared import PATHS
-
     rng = np.random.default_rng(5)
     host = [rng.standard_normal(n).astype(np.float32) for n in (1000, 7, 70001)]
     steps = [[rng.standard_normal(h.shape).astype(np.float32) for h in host] for _ in range(6)]
     params = [cupy.asarray(h) for h in host]
     opt = CHAINS["ClipNorm+ADAM"]()
-    before = dict(PATHS)
-    for grads in steps:
-        gpuopt.update(opt, params, [cupy.asarray(g) for g in grads])  # new arrays every step
-    assert PATHS["prepared"] - before.get("prepared", 0) == 5
+    with counted_paths() as taken:
+        for grads in steps:
+            gpuopt.update(opt, params, [cupy.asarray(g) for g in grads])  # new arrays every step
+    assert taken["prepared"] == 5
     for a, b in zip(params, _numpy_reference(CHAINS["ClipNorm+ADAM"], host, steps)):
         np.testing.assert_allclose(a.get(), b, rtol=1e-5, atol=1e-7)
 

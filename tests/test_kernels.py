@@ -18,10 +18,10 @@ from gpuopt.backends import nvrtc
 from gpuopt.backends.cuda_source import module_source
 from gpuopt.backends.kernel_backend import CHUNK
 from gpuopt.plan import plan
-from gpuopt.prepared import PATHS
 
 from .cases import ALL, CHAINS, OPTIMISERS, RULES, SignMomentum
 from .emulation import device as emulation
+from .paths import counted_paths
 from .test_rules import CLIPNORM_OVERFLOW, clipnorm_overflow_check
 from .toolchain import missing as _missing
 
@@ -292,11 +292,10 @@ def test_launch_counts(factory, count, names, on_kernels, emulated_backend):
     x, g = np.ones(4096, np.float32), np.full(4096, 0.5, np.float32)
     gpuopt.update(opt, x, g)  # first step creates state
     for _ in range(3):  # repeated: one array keeps its launches (no prepared multi-tensor one)
-        prepared = PATHS["prepared"]
-        with emulated_backend.count_launches() as counter:
+        with counted_paths() as taken, emulated_backend.count_launches() as counter:
             gpuopt.update(opt, x, g)
         assert (counter.launches, counter.names) == (count, names)
-        assert PATHS["prepared"] == prepared
+        assert taken["prepared"] == 0
     # A whole model: the count does not grow with the number of tensors.
     params = [np.ones(n, np.float32) for n in range(1, 151)]
     grads = [np.full(p.shape, 0.5, np.float32) for p in params]
@@ -341,9 +340,9 @@ def test_pointer_table_is_reused_while_arrays_stay(on_kernels, emulated_backend)
     np.testing.assert_array_equal(tables.host_table[:, 3], [3, 70000, 5])
     assert tables.chunks == 1 + 2 + 1  # 70000 elements span two chunks of CHUNK
     fresh = [np.full(p.shape, 0.25, np.float32) for p in params]
-    prepared = PATHS["prepared"]
-    gpuopt.update(opt, params, fresh)  # new gradient arrays: swapped into the prepared tables
-    assert PATHS["prepared"] == prepared + 1
+    with counted_paths() as taken:
+        gpuopt.update(opt, params, fresh)  # new gradient arrays: swapped into the prepared tables
+    assert taken["prepared"] == 1
     on_kernels(False)
     expected = [np.ones(n, np.float32) for n in (3, 70000, 5)]
     reference = gpuopt.Momentum()
@@ -368,10 +367,10 @@ def test_fresh_gradient_arrays_each_step_match_numpy(on_kernels):
                 grads[1] = grads[1].astype(np.float64)  # another dtype: the full path
             if step == 6:
                 grads[3] = None  # skipped this step: the full path
-            prepared = PATHS["prepared"]
-            gpuopt.update(opt, params, grads)
+            with counted_paths() as taken:
+                gpuopt.update(opt, params, grads)
             if use_kernels and step in (2, 3, 4):  # these steps took the prepared path
-                assert PATHS["prepared"] == prepared + 1
+                assert taken["prepared"] == 1
         results.append(params)
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
@@ -637,9 +636,9 @@ def test_prepared_update_refuses_new_gradients_that_share_memory(on_kernels):
         gpuopt.update(opt, params, bad)
     assert all(np.array_equal(a, b) for a, b in zip(params, before)) and opt.state_for(params[0]).t == t
     fresh = [np.full(64, 0.25, np.float32), np.full(32, 0.25, np.float32)]
-    prepared = PATHS["prepared"]
-    gpuopt.update(opt, params, fresh)  # new arrays of their own: taken by the prepared update
-    assert PATHS["prepared"] == prepared + 1
+    with counted_paths() as taken:
+        gpuopt.update(opt, params, fresh)  # new arrays of their own: taken by the prepared update
+    assert taken["prepared"] == 1
     assert opt.state_for(params[0]).t == t + 1
 
 

@@ -27,9 +27,9 @@ from gpuopt.backends import cxx_build, numpy_backend
 from gpuopt.backends.kernel_backend import CHUNK, KernelBackend
 from gpuopt.backends.native_backend import NativeDevice, cache_dir
 from gpuopt.plan import plan
-from gpuopt.prepared import PATHS
 
 from .cases import ALL, CHAINS, RULES
+from .paths import counted_paths
 
 REQUIRED = os.environ.get("GPUOPT_REQUIRE_KERNEL_TOOLS") == "1"
 DTYPES = ["float16", "float32", "float64"]
@@ -489,13 +489,13 @@ def test_mixed_precision_master_copy_matches_the_executor(use):
 
 def _paths(run, *args):
     """How many calls ``run(*args)`` sent down each path, and what it raised (None, or the message)."""
-    before = dict(PATHS)
-    try:
-        run(*args)
-        error = None
-    except (TypeError, ValueError) as exc:
-        error = str(exc)
-    return {k: PATHS[k] - before.get(k, 0) for k in ("prepared", "full")}, error
+    error = None
+    with counted_paths() as taken:
+        try:
+            run(*args)
+        except (TypeError, ValueError) as exc:
+            error = str(exc)
+    return taken, error
 
 
 def _single_steps(opt, x, rng, steps=7):

@@ -20,9 +20,9 @@ from gpuopt.backends.kernel_backend import KernelBackend
 from gpuopt.backends.noop import NoopDevice
 from gpuopt.bench import host_benchmark
 from gpuopt.identities import Identities
-from gpuopt.prepared import PATHS
 
 from .cases import CHAINS, RULES
+from .paths import counted_paths
 from .toolchain import missing
 
 
@@ -34,9 +34,9 @@ def noop():
 
 
 def _paths(run):
-    before = dict(PATHS)
-    run()
-    return {k: PATHS[k] - before.get(k, 0) for k in ("prepared", "full")}
+    with counted_paths() as taken:
+        run()
+    return taken
 
 
 def _numpy_grads(sizes):
@@ -167,10 +167,9 @@ def test_torch_parameter_with_replaced_storage_leaves_the_prepared_path(noop, re
     if replace == "new memory":
         assert _paths(lambda: gpuopt.update(opt, params, grads)) == {"full": 1, "prepared": 0}
         return
-    before = dict(PATHS)
-    with pytest.raises(ValueError, match=r"params\[1\] has shape"):  # (the full path's check)
-        gpuopt.update(opt, params, grads)
-    assert PATHS["prepared"] == before.get("prepared", 0)
+    with counted_paths() as taken, pytest.raises(ValueError, match=r"params\[1\] has shape"):
+        gpuopt.update(opt, params, grads)  # (the full path's check refuses it)
+    assert taken["prepared"] == 0
 
 
 @pytest.mark.parametrize("new_grads", [False, True])
