@@ -103,14 +103,22 @@ class _ArrayKind:
     def pointers(self, arrays: Sequence[Any]) -> list[int]:
         return list(map(self.pointer, arrays))
 
-    def layouts(self, arrays: Sequence[Any]) -> Any:
-        """What :meth:`take` compares: the records without their addresses, or one list per
-        attribute. (Tensors the C++ reader cannot describe: read in Python from now on.)"""
+    def _described(self, arrays: Sequence[Any]) -> np.ndarray | None:
+        """The C++ reader's records of ``arrays``; None without the reader, or where it cannot
+        describe one of them (then these arrays are read in Python from now on)."""
         if self.records is not None:
             records = self.records.records(arrays)
             if (records[:, 1] >= 0).all():
-                return np.ascontiguousarray(records[:, 1:])
+                return records
             self.records = None
+        return None
+
+    def layouts(self, arrays: Sequence[Any]) -> Any:
+        """What :meth:`take` compares: the records without their addresses, or one list per
+        attribute."""
+        records = self._described(arrays)
+        if records is not None:
+            return np.ascontiguousarray(records[:, 1:])
         return [list(map(read, arrays)) for read in self.layout]
 
     def take(self, arrays: Sequence[Any], expected: Any) -> Sequence[int] | None:
@@ -126,12 +134,8 @@ class _ArrayKind:
         """Where the elements of ``arrays`` are, to notice a torch parameter's storage replaced
         (``p.data = ...``): with the C++ reader whole records, so that a new storage at the same
         address (a slice, another dtype's view) shows too; else addresses."""
-        if self.records is not None:
-            records = self.records.records(arrays)
-            if (records[:, 1] >= 0).all():
-                return records
-            self.records = None
-        return self.pointers(arrays)
+        records = self._described(arrays)
+        return records if records is not None else self.pointers(arrays)
 
     def same_places(self, arrays: Sequence[Any], places: Any) -> bool:
         if isinstance(places, np.ndarray):
