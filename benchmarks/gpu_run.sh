@@ -25,28 +25,45 @@ stamp="${device:-unknown-gpu}-$(date -u +%Y-%m-%d)"
 [ "$quick" = 1 ] && stamp="$stamp-quick"
 { date -u; nvidia-smi; } > "$out/$stamp-nvidia-smi.txt" 2>&1
 start=$SECONDS
+steps=() failed=0
+# step NAME LOG COMMAND...: run it with its output shown and kept in LOG; a failure is noted,
+# and the run goes on (the later steps' results are still worth having).
+step() {
+    local name=$1 log=$2
+    shift 2
+    "$@" 2>&1 | tee "$log"
+    local status=${PIPESTATUS[0]}
+    steps+=("$name: exit $status")
+    [ "$status" = 0 ] || failed=1
+}
 if [ "$quick" = 1 ]; then
-    python3 -m pytest -q -rs -p no:cacheprovider -m gpu 2>&1 | tee "$out/$stamp-pytest.txt"
-    tests=${PIPESTATUS[0]}
+    step tests "$out/$stamp-pytest.txt" python3 -m pytest -q -rs -p no:cacheprovider -m gpu
     bench_options=(--rules ADAM --sizes 28 --no-baselines "$@")
 else
-    python3 -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$out/$stamp-pytest.txt"
-    tests=${PIPESTATUS[0]}
+    step tests "$out/$stamp-pytest.txt" python3 -m pytest -q -rs -p no:cacheprovider
     bench_options=("$@")
 fi
-python3 -m gpuopt bench --json "$out/$stamp-bench.json" --plot "$out/$stamp-bench.png" "${bench_options[@]}" 2>&1 \
-    | tee "$out/$stamp-bench.txt"
-bench=${PIPESTATUS[0]}
-python3 -m gpuopt bench --host --host-launches --json "$out/$stamp-host.json" 2>&1 | tee "$out/$stamp-host.txt"
-python3 -m gpuopt bench --host --json "$out/$stamp-host-noop.json" 2>&1 | tee "$out/$stamp-host-noop.txt"
+step bench "$out/$stamp-bench.txt" \
+    python3 -m gpuopt bench --json "$out/$stamp-bench.json" --plot "$out/$stamp-bench.png" "${bench_options[@]}"
+step "host time, real launches" "$out/$stamp-host.txt" \
+    python3 -m gpuopt bench --host --host-launches --json "$out/$stamp-host.json"
+step "host time, nothing launched" "$out/$stamp-host-noop.txt" \
+    python3 -m gpuopt bench --host --json "$out/$stamp-host-noop.json"
 echo
 echo "== summary: $stamp, $((SECONDS - start)) s =="
+printf '%s\n' "${steps[@]}"
 tail -n 1 "$out/$stamp-pytest.txt"
-python3 - "$out/$stamp-bench.json" <<'PY' || true
+python3 - "$out/$stamp"-{bench,host,host-noop}.json <<'PY' || true
 import json, sys
-for t in json.load(open(sys.argv[1]))["targets"]:
-    value = "-" if t["value"] is None else f"{t['value']:.3g}"
-    print(f"{t['status']:>12}  {value:>8} (limit {t['limit']:g})  {t['description']}")
+from pathlib import Path
+for path in map(Path, sys.argv[1:]):
+    if not path.is_file():
+        print(f"{path.name}: not written")
+        continue
+    print(f"{path.name}:")
+    for t in json.loads(path.read_text())["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:.3g}"
+        print(f"{t['status']:>12}  {value:>8} (limit {t['limit']:g})  {t['description']}")
 PY
-echo "pytest exit $tests, bench exit $bench; results in $out/$stamp-*"
-exit $(( tests || bench ))
+echo "results in $out/$stamp-*"
+exit $failed

@@ -8,7 +8,11 @@ import argparse
 import io
 import json
 import math
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -364,3 +368,36 @@ def test_a_failing_baseline_is_noted_and_the_run_goes_on(monkeypatch, broken):
     assert all(r["baselines"]["unfused"] == {"error": "RuntimeError: no such baseline"} for r in report["results"])
     assert all("time_s" in r for r in report["results"])
     assert "unfused at 2^10 ADAM failed: RuntimeError: no such baseline" in report["notes"]
+
+
+# -- the GPU run's script, rehearsed ----------------------------------------------------------
+
+@pytest.mark.skipif(gpu_available(), reason="on a GPU the script is the run itself, not a rehearsal")
+def test_gpu_run_script_on_the_cpu_reports_every_step_and_fails_with_any(tmp_path):
+    """``benchmarks/gpu_run.sh --quick``, the one call a lent GPU gets, run here with tiny
+    benchmark settings: every step runs and leaves its files, the step that needs a GPU (host
+    time with real launches) fails, and that failure is in the summary and the exit status."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"  # (the script calls python3, as on the GPU machine: this one, in its environment)
+    python3.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python3.chmod(0o755)
+    out = tmp_path / "results"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_run.sh"), "--quick", str(out), "--sizes", "10",
+                          "--repeats", "1", "--no-model", "--no-torch"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    stamp = f"unknown-gpu-{time.strftime('%Y-%m-%d', time.gmtime())}-quick"
+    summary = run.stdout[run.stdout.index(f"== summary: {stamp}"):]
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    for step, status in (("tests", 0), ("bench", 0), ("host time, real launches", 2),
+                         ("host time, nothing launched", 0)):
+        assert f"\n{step}: exit {status}\n" in summary
+    assert "needs CuPy and a usable CUDA GPU" in (out / f"{stamp}-host.txt").read_text()
+    assert f"{stamp}-host.json: not written" in summary
+    for name in ("nvidia-smi.txt", "pytest.txt", "bench.txt", "bench.json", "bench.png", "host-noop.txt"):
+        assert (out / f"{stamp}-{name}").stat().st_size > 0, name
+    for kind in ("bench", "host-noop"):  # each written report's targets, one line each, in the summary
+        targets = json.loads((out / f"{stamp}-{kind}.json").read_text())["targets"]
+        assert targets and all(t["description"] in summary for t in targets)
