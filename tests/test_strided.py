@@ -1,6 +1,7 @@
 """The strided path: non-contiguous arrays updated in place by one element-wise kernel around
-the printed step function. Its text is compiled by NVRTC here; the routing (which arrays go
-to it, with which arguments, and no copies) is checked with a fake device."""
+the printed step function. Its text is compiled by NVRTC here and its operation runs on the
+CPU stand-in (which stands in for CuPy's indexing by strides); the routing (which arrays go to
+it, with which arguments, and no copies) is checked with a fake device."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from gpuopt.backends.strided import strided_kernel
 from gpuopt.plan import plan
 
 from .cases import ALL, CHAINS, RULES
+from .emulation import device as emulation
 from .fake_gpus import FakeGpus
 from .test_kernels import nvrtc_compile
 
@@ -94,16 +96,18 @@ def test_chain_with_a_reduction_keeps_the_contiguous_copy(strided_device):
     assert [launch.name for launch in strided_device.launched] == ["gpuopt_multi_reduce", "gpuopt_multi_tensor"]
 
 
-def test_without_elementwise_kernels_strided_arrays_go_through_a_copy():
-    from .emulation import device as emulation
+class _WithoutElementwise(emulation.EmulatedDevice):
+    elementwise = None  # (no element-wise kernels: a Protocol's method set to None is absent)
 
-    if emulation.compiler() is None:
-        pytest.skip("g++ is not installed")
+
+def test_without_elementwise_kernels_strided_arrays_go_through_a_copy(emulated_backend):
     rng = np.random.default_rng(9)
     base = rng.standard_normal((60, 50)).astype(np.float32)
     grads = [rng.standard_normal((50, 60)).astype(np.float32) for _ in range(4)]
     results = []
-    for backend in (KernelBackend(emulation.EmulatedDevice()), None):
+    contiguous_only = KernelBackend(_WithoutElementwise())  # (the fixture: the compiler is checked)
+    assert not contiguous_only._has_strided_kernels
+    for backend in (contiguous_only, None):
         x = base.copy().T  # not contiguous
         opt = RULES["ADAM"]()
         with backend_override("numpy", backend) if backend else _nothing():
@@ -117,3 +121,43 @@ def _nothing():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+# -- the strided kernel's operation, run on the CPU stand-in ------------------------------------
+
+STRIDED_CASES = {
+    **{name: ALL[name] for name in ELEMENTWISE},
+    "MixedPrecision of ADAM": lambda: gpuopt.MixedPrecision(gpuopt.ADAM(1e-3)),
+    "MixedPrecision of WeightDecay+Momentum": lambda: gpuopt.MixedPrecision(
+        gpuopt.Optimiser(gpuopt.WeightDecay(0.1), gpuopt.Momentum(0.01))),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("case", list(STRIDED_CASES))
+def test_strided_kernel_steps_exactly_as_the_contiguous_kernels(case, dtype, emulated_backend):
+    """A transposed parameter and gradient, updated in place by the strided kernel (its
+    operation run by the stand-in), take exactly the steps of contiguous copies updated by
+    the raw kernels: parameters and state, alone and in a collection, for every rule without a
+    reduction and MixedPrecision (whose parameter is the rounding of its float32 master copy)."""
+    rng = np.random.default_rng(11)
+    start = [rng.standard_normal(shape).astype(dtype) for shape in ((37, 23), (5, 3))]
+    strided = [a.copy().T for a in start]  # not contiguous
+    contiguous = [np.ascontiguousarray(a.T) for a in start]
+    opt_strided, opt_contiguous = STRIDED_CASES[case](), STRIDED_CASES[case]()
+    with backend_override("numpy", emulated_backend), emulated_backend.count_launches() as counter:
+        for step in range(6):
+            grads = [(2 * rng.standard_normal(a.shape)).astype(dtype).T for a in start]
+            if step % 2:
+                gpuopt.update(opt_strided, strided, grads)
+                gpuopt.update(opt_contiguous, contiguous, [np.ascontiguousarray(g) for g in grads])
+            else:
+                gpuopt.update(opt_strided, strided[0], grads[0])
+                gpuopt.update(opt_contiguous, contiguous[0], np.ascontiguousarray(grads[0]))
+            for a, b in zip(strided, contiguous):
+                assert not a.flags.c_contiguous and np.array_equal(a, b), (case, step)
+    assert counter.names.count("gpuopt_strided") == 3 * 1 + 3 * 2
+    for a, b in zip(strided, contiguous):
+        for leaf_a, leaf_b in zip(opt_strided.leaves(), opt_contiguous.leaves()):
+            if leaf_a.state:
+                assert np.array_equal(leaf_a.state_for(a).slots, leaf_b.state_for(b).slots), case

@@ -50,7 +50,8 @@ def strided_kernel(program: Program, param: np.dtype, grad: np.dtype, apply: boo
         "const gpuopt_compute_t gpuopt_x = gpuopt_compute_t(x);",
         "const gpuopt_compute_t gpuopt_d = gpuopt_step(gpuopt_x, gpuopt_compute_t(g), gpuopt_s, gpuopt_h, nullptr);",
         *[f"{s} = gpuopt_s[{i}];" for i, s in enumerate(slots)],
-        "out = P(gpuopt_d);" if apply else "x = P(gpuopt_x - gpuopt_d);",
+        # (x - d, or MixedPrecision's new master copy: as the raw kernels store it)
+        "out = P(gpuopt_d);" if apply else "x = P(gpuopt_new_param(gpuopt_x, gpuopt_d, gpuopt_s));",
     ]
     digest = hashlib.sha256(module_source(program, param, grad, apply).encode()).hexdigest()[:12]
     return StridedKernel(
@@ -63,11 +64,17 @@ def strided_kernel(program: Program, param: np.dtype, grad: np.dtype, apply: boo
 
 
 def strided_source(program: Program, param: np.dtype, grad: np.dtype, apply: bool) -> str:
-    """The strided kernel as one CUDA text: the preamble, then the operation inside a kernel
-    that binds each name to its element the way CuPy's generated code does (a reference per
-    array, the scalars by value), for reading and for compiling with NVRTC on any machine.
-    CuPy's own loop and indexing replace the wrapper when it builds the kernel."""
-    kernel = strided_kernel(program, np.dtype(param), np.dtype(grad), apply)
+    """The strided kernel as one CUDA text (:func:`wrapped_source`), for reading and for
+    compiling with NVRTC on any machine."""
+    return wrapped_source(strided_kernel(program, np.dtype(param), np.dtype(grad), apply))
+
+
+def wrapped_source(kernel: StridedKernel) -> str:
+    """The kernel's preamble, then its operation inside a kernel named ``kernel.name`` that
+    takes ``n``, then one pointer per array (each indexed by ``i``) and the scalars by value,
+    in the order of the call, and binds each name to its element the way CuPy's generated
+    code does (a reference per array). CuPy's own loop and indexing by strides replace this
+    wrapper when it builds the kernel; the CPU stand-in runs the wrapper."""
     types = {"P": "gpuopt_param_t", "G": "gpuopt_grad_t", "S": "gpuopt_state_t"}
     params, binds = ["const long long n"], []
     for spec in kernel.in_params.split(", "):

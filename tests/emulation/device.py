@@ -29,6 +29,7 @@ import numpy as np
 
 from gpuopt.backends import cxx_build
 from gpuopt.backends.kernel_backend import MAX_BLOCKS, THREADS_PER_BLOCK
+from gpuopt.backends.strided import StridedKernel, wrapped_source
 
 HERE = Path(__file__).resolve().parent
 INCLUDE = HERE / "include"
@@ -152,6 +153,26 @@ class EmulatedDevice:
                 raise EmulatedKernelError(f"{name} ({blocks} blocks of {threads}): {error.value.decode()}")
 
         return launch
+
+    def elementwise(self, kernel: StridedKernel) -> Callable[..., None]:
+        """A ``cupy.ElementwiseKernel`` as the stand-in runs it: its operation, in the kernel
+        :func:`~gpuopt.backends.strided.wrapped_source` prints, over contiguous copies of the
+        arrays (where CuPy indexes each array by its strides), the outputs then written back."""
+        launch = self.kernel(wrapped_source(kernel), kernel.name)
+        outputs = len(kernel.out_params.split(", "))
+
+        def call(*args: Any) -> None:
+            arrays = [a for a in args if isinstance(a, np.ndarray)]
+            if len({a.shape for a in arrays}) != 1:
+                raise EmulatedKernelError(f"{kernel.name}: arrays of different shapes {[a.shape for a in arrays]}")
+            copies = [np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a for a in args]
+            n = arrays[0].size
+            launch(max(1, min(self.max_blocks, -(-n // self.threads))), self.threads, [np.int64(n), *copies])
+            for original, copy in zip(args[-outputs:], copies[-outputs:]):
+                if copy is not original:
+                    original[...] = copy
+
+        return call
 
     @staticmethod
     def pointer(array: np.ndarray) -> int:
