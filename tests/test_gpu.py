@@ -257,11 +257,16 @@ def test_kernels_under_compute_sanitizer(tool, cases):
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not installed")
     root = Path(__file__).resolve().parents[1]
-    command = [sanitizer, f"--tool={tool}", "--error-exitcode=1", sys.executable, "-m", "tests.gpu_sanitizer_run",
-               *cases]
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=420,
+    # (CUDA API calls that fail by design, such as CuPy's and cuda-python's probes, are not
+    # what this test is about: only the kernels' memory and shared-memory errors count)
+    command = [sanitizer, f"--tool={tool}", "--report-api-errors=no", "--error-exitcode=1", sys.executable, "-m",
+               "tests.gpu_sanitizer_run", *cases]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=150,
                             env={**os.environ, "PYTHONPATH": str(root)})
     report = (result.stdout + result.stderr)[-4000:]
+    if "Device not supported" in report:  # (as under gVisor: the sanitizer cannot attach at all)
+        line = next(line for line in report.splitlines() if "Device not supported" in line)
+        pytest.skip(f"compute-sanitizer cannot attach to this device: {line.strip()}")
     assert result.returncode == 0, report
     assert result.stdout.count("matches") == len(cases), report
 
@@ -332,6 +337,29 @@ def test_strided_parameters_updated_in_place_without_allocation():
         gpuopt.update(ref, host_x, g)
     np.testing.assert_allclose(x.get(), host_x, rtol=1e-5, atol=1e-7)
 
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_strided_steps_equal_contiguous_steps_with_mixed_precision(dtype):
+    """CuPy's element-wise kernel (strides) and the raw kernels (contiguous) give the same
+    bits; MixedPrecision's float16 parameter is its master copy rounded, where a tiny step
+    moves the master copy only."""
+    import cupy
+
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((64, 48)).astype(dtype)
+    strided, contiguous = cupy.asarray(base).T, cupy.asarray(np.ascontiguousarray(base.T))
+    opts = [gpuopt.MixedPrecision(gpuopt.ADAM(1e-5)) for _ in range(2)]
+    with gpuopt.count_launches() as launches:
+        for _ in range(4):
+            g = cupy.asarray(rng.standard_normal((48, 64)).astype(dtype))
+            gpuopt.update(opts[0], strided, g)
+            gpuopt.update(opts[1], contiguous, cupy.ascontiguousarray(g))
+    assert launches.names.count("gpuopt_strided") == 4
+    assert cupy.array_equal(strided, contiguous)
+    masters = [cupy.asnumpy(opt.state_for(x).slots[0]) for opt, x in zip(opts, (strided, contiguous))]
+    assert np.array_equal(masters[0], masters[1])
+    np.testing.assert_array_equal(cupy.asnumpy(strided), masters[0].reshape(strided.shape).astype(dtype))
 
 def test_prepared_collection_update_allocates_nothing_per_step():
     import cupy
