@@ -112,9 +112,10 @@ def fresh_slots(backend: Any, leaf: Rule, x: Resolved) -> Any:
     """A new state array for ``leaf`` and parameter ``x`` (next to it), as its first step finds it."""
     if not leaf.state:
         return None
-    slots = backend.full_state(leaf.initial_state(), x.array.size, compute_dtype(x.element), like=x.array)
-    for row in leaf.parameter_slots():  # a master copy starts as the parameter
-        slots[row][...] = to_compute(x.array.reshape(-1), x.element)
+    with backend.queue_of(x.array, x.framework):
+        slots = backend.full_state(leaf.initial_state(), x.array.size, compute_dtype(x.element), like=x.array)
+        for row in leaf.parameter_slots():  # a master copy starts as the parameter
+            slots[row][...] = to_compute(x.array.reshape(-1), x.element)
     return slots
 
 
@@ -173,7 +174,8 @@ def _apply(opt: Rule, x: Any, dx: Any) -> Any:
     program = plan(opt)
     job = _job(opt, program, key, xr, gr)
     backend = get_backend(xr.backend)
-    job.out = backend.empty_like(xr.array)
+    with backend.queue_of(xr.array, xr.framework):
+        job.out = backend.empty_like(xr.array)
     backend.run(program, [job], apply=True)
     _count_step(opt, [job])
     if xr.element == BFLOAT16:  # bfloat16 patterns: handed back as float32 values

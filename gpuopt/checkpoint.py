@@ -28,10 +28,10 @@ from typing import IO, Any, Union
 
 import numpy as np
 
+from .api import fresh_slots
 from .backends import get_backend
 from .backends.numpy_backend import compute_dtype
-from .dispatch import check_dtype, resolve
-from .dtypes import to_compute
+from .dispatch import Resolved, check_dtype, resolve
 from .rule import ParamState, Rule, holding
 
 __all__ = ["save_state", "load_state", "CheckpointError"]
@@ -110,10 +110,13 @@ def _to_host(array: Any) -> np.ndarray:
     return array.get()  # CuPy: device -> host
 
 
-def _on_backend(saved: np.ndarray, backend: str, like: Any, dtype: np.dtype) -> Any:
-    """``saved`` as state rows of ``dtype`` next to the parameter ``like``, laid out exactly as
-    the backend lays out fresh state (padded, aligned rows on a GPU)."""
-    return get_backend(backend).state_from(np.asarray(saved), dtype, like)
+def _on_backend(saved: np.ndarray, param: Resolved, dtype: np.dtype) -> Any:
+    """``saved`` as state rows of ``dtype`` next to the parameter, laid out exactly as the
+    backend lays out fresh state (padded, aligned rows on a GPU), copied in order with its
+    updates."""
+    backend = get_backend(param.backend)
+    with backend.queue_of(param.array, param.framework):
+        return backend.state_from(np.asarray(saved), dtype, param.array)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -266,7 +269,8 @@ def save_state(opt: Rule, params: Any, path: PathOrFile) -> None:
 
 def _members_of(opt: Rule, params: Any) -> dict[str, np.ndarray]:
     structure, keys, objs = _flatten(params)
-    arrays = [resolve(obj, _describe(structure, key)).array for key, obj in zip(keys, objs, strict=True)]
+    resolved = [resolve(obj, _describe(structure, key)) for key, obj in zip(keys, objs, strict=True)]
+    arrays = [r.array for r in resolved]
     leaves = opt.leaves()
     members: dict[str, np.ndarray] = {
         "format": np.array(FORMAT),
@@ -302,7 +306,8 @@ def _members_of(opt: Rule, params: Any) -> dict[str, np.ndarray]:
                 )
             members[f"rule{i}.param{j}.t"] = np.array(state.t, dtype=np.int64)
             if state.slots is not None:
-                members[f"rule{i}.param{j}.slots"] = _to_host(state.slots)
+                with get_backend(resolved[j].backend).queue_of(arrays[j], resolved[j].framework):  # (after its updates)
+                    members[f"rule{i}.param{j}.slots"] = _to_host(state.slots)
     return members
 
 
@@ -445,14 +450,7 @@ def _plan_load(opt: Rule, params: Any, archive: _Archive, restore_hyper: bool) -
             if t_name not in archive:
                 # Never stepped when saved: a fresh state is what the first step would create.
                 if leaf.state_for(obj) is not None:
-                    slots = None
-                    if leaf.state:
-                        initial = np.array(leaf.initial_state(), dtype=ct)[:, None]
-                        slots = _on_backend(np.broadcast_to(initial, (n_slots, r.array.size)),
-                                            r.backend, r.array, ct)
-                        for row in leaf.parameter_slots():  # a master copy starts as the parameter
-                            slots[row][...] = to_compute(r.array.reshape(-1), r.element)
-                    plan.states.append((leaf, obj, ParamState(0, slots)))
+                    plan.states.append((leaf, obj, ParamState(0, fresh_slots(get_backend(r.backend), leaf, r))))
                 continue
             t = archive.integer(t_name, what=f"{name}: step count for {what}")
             if t < 0:
@@ -463,7 +461,7 @@ def _plan_load(opt: Rule, params: Any, archive: _Archive, restore_hyper: bool) -
                 saved = archive.array(f"rule{i}.param{j}.slots", "f", shape=(n_slots, r.array.size),
                                       what=f"{name}: state for {what}")
                 # Converted to the compute dtype of the parameter it is loaded for.
-                slots = _on_backend(saved, r.backend, r.array, ct)
+                slots = _on_backend(saved, r, ct)
             plan.states.append((leaf, obj, ParamState(t, slots)))
     _check_names(archive, leaves, len(resolved), structure == "dict")
     return plan

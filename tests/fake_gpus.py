@@ -53,13 +53,18 @@ class FakeGpus(NoopDevice):
         self.launched: list[Launch] = []
         self.uploads: list[tuple[int, FakeStream | None]] = []
         self.followed: list[tuple[FakeStream, FakeStream]] = []
+        self.allocations: list[tuple[int, FakeStream | None]] = []  # the GPU and stream current at each
         self.xp = SimpleNamespace(
-            empty=lambda shape, dtype=np.float32: np.empty(shape, dtype).view(OnGpu),
-            zeros=lambda shape, dtype=np.float32: np.zeros(shape, dtype).view(OnGpu),
+            empty=lambda shape, dtype=np.float32: self._allocated(np.empty(shape, dtype)),
+            zeros=lambda shape, dtype=np.float32: self._allocated(np.zeros(shape, dtype)),
             asarray=lambda a: np.array(a).view(OnGpu),
             ascontiguousarray=np.ascontiguousarray,
         )
         FakeGpus.current_device = 0
+
+    def _allocated(self, memory: np.ndarray) -> OnGpu:
+        self.allocations.append((FakeGpus.current_device, self.current_stream))
+        return memory.view(OnGpu)
 
     def array(self, values: Any, gpu: int) -> OnGpu:
         with self.scope(gpu, None):

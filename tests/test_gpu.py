@@ -425,6 +425,23 @@ def test_torch_side_stream_backward_then_update_in_order():
         np.testing.assert_allclose(p.detach().cpu().numpy(), e, rtol=1e-5, atol=1e-7)
 
 
+
+def test_first_update_on_a_torch_side_stream_sees_its_fresh_state():
+    """New state (here MixedPrecision's master copy, which starts as the parameter) is made on
+    torch's stream: with CuPy's stream busy, an update on a side stream still reads it filled."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    param = torch.nn.Parameter(torch.full((1 << 20,), 3.0, device="cuda", dtype=torch.float16))
+    opt = gpuopt.MixedPrecision(gpuopt.Descent(0.5))
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    torch.cuda._sleep(200_000_000)  # the default stream (CuPy's current one) is busy meanwhile
+    with torch.cuda.stream(side):
+        gpuopt.update(opt, [param], [torch.ones_like(param)])
+    torch.cuda.synchronize()
+    assert torch.all(param == 2.5)  # 3 - 0.5 * 1, from a master copy of 3, not of whatever was there
+
 def test_update_during_cupy_graph_capture_is_an_error():
     import cupy
 

@@ -81,6 +81,24 @@ def test_torch_tensors_use_torchs_stream(gpus):
     assert {launch.stream.name for launch in gpus.launched} == {"torch:0"}
 
 
+
+def test_state_output_and_loaded_state_are_made_on_torchs_stream(gpus, tmp_path):
+    """What the API layer itself queues (new state and MixedPrecision's master copy, apply's
+    output, a loaded checkpoint's state) goes to the stream the updates run on: a PyTorch side
+    stream does not wait for CuPy's, so state filled there could be read before it is written."""
+    torch = pytest.importorskip("torch")
+    params = [torch.nn.Parameter(torch.ones(n, dtype=torch.float16)) for n in (10, 20)]
+    opt = gpuopt.MixedPrecision(gpuopt.ADAM())
+    gpuopt.update(opt, params, [torch.ones(10, dtype=torch.float16), torch.ones(20, dtype=torch.float16)])
+    torch_stream = gpus.streams[("torch", 0)]
+    assert gpus.allocations and set(gpus.allocations) == {(0, torch_stream)}
+    gpus.allocations.clear()
+    gpuopt.apply(gpuopt.ADAM(), params[0], torch.ones(10, dtype=torch.float16))
+    gpuopt.save_state(opt, params, tmp_path / "state.npz")
+    gpuopt.load_state(opt, params, tmp_path / "state.npz")
+    assert len(gpus.allocations) >= 1 + 2 and set(gpus.allocations) == {(0, torch_stream)}
+    assert gpus.current_stream is None  # the caller's current stream is left as it was
+
 @pytest.mark.parametrize("query_fails", [False, True])
 @pytest.mark.parametrize("prepared", [False, True])
 def test_update_during_graph_capture_raises_and_changes_nothing(gpus, prepared, query_fails):

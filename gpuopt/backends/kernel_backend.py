@@ -196,6 +196,12 @@ class KernelBackend:
         with self.placement.scope(self.placement.device_of(x), None):
             return self.xp.empty(x.shape, dtype=x.dtype)
 
+    def queue_of(self, like: Any, framework: str) -> contextlib.AbstractContextManager[Any]:
+        # (a PyTorch side stream does not wait for CuPy's: state filled there could be read
+        # by the update, on torch's stream, before it is written)
+        device = self.placement.device_of(like)
+        return self.placement.scope(device, self.placement.caller_stream(framework, device))
+
     def check_launchable(self, arrays: Sequence[Any], framework: str) -> None:
         place = self.placement
         for device in sorted({place.device_of(a) for a in arrays}):

@@ -8,6 +8,7 @@ every element (host scalars and what is computed from them) are evaluated once p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -324,6 +325,10 @@ class NumpyBackend:
     @staticmethod
     def empty_like(x: np.ndarray) -> np.ndarray:
         return np.empty(x.shape, dtype=x.dtype)
+
+    @staticmethod
+    def queue_of(like: Any, framework: str) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # (NumPy runs now, on the calling thread)
 
     @staticmethod
     def check_launchable(arrays: Sequence[Any], framework: str) -> None:

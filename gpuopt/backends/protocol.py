@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,6 +60,12 @@ class Backend(Protocol):
         ...
 
     def empty_like(self, x: Any) -> Any: ...
+
+    def queue_of(self, like: Any, framework: str) -> AbstractContextManager[Any]:
+        """Where the API layer's own device work goes (new state and its master copy, apply's
+        output, checkpoint copies): the device holding the parameter ``like`` and the stream
+        ``framework`` queues its work on, so that it is ordered with the updates."""
+        ...
 
     def check_launchable(self, arrays: Sequence[Any], framework: str) -> None:
         """Raise, before anything is written, if work on ``arrays`` (parameters of
