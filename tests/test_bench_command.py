@@ -376,8 +376,8 @@ def test_a_failing_baseline_is_noted_and_the_run_goes_on(monkeypatch, broken):
 def test_gpu_run_script_on_the_cpu_reports_every_step_and_fails_with_any(tmp_path):
     """``benchmarks/gpu_run.sh --quick``, the one call a lent GPU gets, run here with tiny
     benchmark settings: every step runs and leaves its files; the step that needs a GPU (host
-    time with real launches) fails and the last step is stopped at a time limit of 1 s, and
-    both show in the summary and the exit status while every other step still runs."""
+    time with real launches) fails and another is stopped at a time limit of 1 s, and both
+    show in the summary and the exit status while every other step still runs."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     python3 = bin_dir / "python3"  # (the script calls python3, as on the GPU machine: this one, in its environment)
@@ -385,7 +385,7 @@ def test_gpu_run_script_on_the_cpu_reports_every_step_and_fails_with_any(tmp_pat
     python3.chmod(0o755)
     out = tmp_path / "results"
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "GPU_RUN_LIMITS": "300 300 300 1"}
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "GPU_RUN_LIMITS": "300 300 300 1 300"}
     run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_run.sh"), "--quick", str(out), "--sizes", "10",
                           "--repeats", "1", "--no-model", "--no-torch"],
                          env=env, capture_output=True, text=True, timeout=600)
@@ -393,9 +393,10 @@ def test_gpu_run_script_on_the_cpu_reports_every_step_and_fails_with_any(tmp_pat
     summary = run.stdout[run.stdout.index(f"== summary: {stamp}"):]
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
     for line in ("tests: exit 0", "bench: exit 0", "host time, real launches: exit 2",
-                 "host time, nothing launched: stopped after its limit of 1 s"):
+                 "host time, nothing launched: stopped after its limit of 1 s", "sanitizer tests: exit 0"):
         assert f"\n{line}\n" in summary
-    assert " deselected in " in summary  # pytest's last line: the GPU tests, skipped here
+    pytest_lines = [line for line in summary.splitlines() if " deselected in " in line]  # (the GPU tests skip here)
+    assert len(pytest_lines) == 2 and "2 skipped" in pytest_lines[1]  # the tests, then the two sanitizer runs
     assert "needs CuPy and a usable CUDA GPU" in (out / f"{stamp}-host.txt").read_text()
     assert f"{stamp}-host.json: not written" in summary and f"{stamp}-host-noop.json: not written" in summary
     # At most the eight files a lent device returns: here all but the two host-time reports.

@@ -261,12 +261,14 @@ def test_kernels_under_compute_sanitizer(tool, cases):
     # what this test is about: only the kernels' memory and shared-memory errors count)
     command = [sanitizer, f"--tool={tool}", "--report-api-errors=no", "--error-exitcode=1", sys.executable, "-m",
                "tests.gpu_sanitizer_run", *cases]
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=150,
-                            env={**os.environ, "PYTHONPATH": str(root)})
-    report = (result.stdout + result.stderr)[-4000:]
-    if "Device not supported" in report:  # (as under gVisor: the sanitizer cannot attach at all)
-        line = next(line for line in report.splitlines() if "Device not supported" in line)
-        pytest.skip(f"compute-sanitizer cannot attach to this device: {line.strip()}")
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=100,
+                            env={**os.environ, "PYTHONPATH": path})
+    output = result.stdout + result.stderr
+    refusal = [line for line in output.splitlines() if "Device not supported" in line]
+    if refusal:  # (as under gVisor: the sanitizer cannot attach at all)
+        pytest.skip(f"compute-sanitizer cannot attach to this device: {refusal[0].strip()}")
+    report = output[-4000:]
     assert result.returncode == 0, report
     assert result.stdout.count("matches") == len(cases), report
 
@@ -461,6 +463,7 @@ def test_update_during_cupy_graph_capture_is_an_error():
     assert opt.state_for(x).t == 1 and bool(cupy.array_equal(x, before))
 
 
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty:UserWarning")  # (nothing captured: the point)
 def test_update_during_torch_graph_capture_is_an_error():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
