@@ -9,9 +9,9 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -389,8 +389,9 @@ def test_gpu_run_script_on_the_cpu_reports_every_step_and_fails_with_any(tmp_pat
     run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_run.sh"), "--quick", str(out), "--sizes", "10",
                           "--repeats", "1", "--no-model", "--no-torch"],
                          env=env, capture_output=True, text=True, timeout=600)
-    stamp = f"unknown-gpu-{time.strftime('%Y-%m-%d', time.gmtime())}-quick"
-    summary = run.stdout[run.stdout.index(f"== summary: {stamp}"):]
+    found = re.search(r"== summary: (unknown-gpu-\d{4}-\d\d-\d\d-quick), \d+ s ==", run.stdout)
+    assert found, run.stdout[-3000:] + run.stderr[-3000:]
+    stamp, summary = found.group(1), run.stdout[found.start():]
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
     for line in ("tests: exit 0", "bench: exit 0", "host time, real launches: exit 2",
                  "host time, nothing launched: stopped after its limit of 1 s", "sanitizer tests: exit 0"):
