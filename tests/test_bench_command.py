@@ -396,8 +396,10 @@ def test_gpu_run_script_on_the_cpu_reports_every_step_and_fails_with_any(tmp_pat
     for line in ("tests: exit 0", "bench: exit 0", "host time, real launches: exit 2",
                  "host time, nothing launched: stopped after its limit of 1 s", "sanitizer tests: exit 0"):
         assert f"\n{line}\n" in summary
-    pytest_lines = [line for line in summary.splitlines() if " deselected in " in line]  # (the GPU tests skip here)
-    assert len(pytest_lines) == 2 and "2 skipped" in pytest_lines[1]  # the tests, then the two sanitizer runs
+    assert len([line for line in summary.splitlines() if " deselected in " in line]) == 2  # both pytest runs' ends
+    tests, sanitizer = (out / f"{stamp}-pytest.txt").read_text().split("test session starts")[1:]
+    assert "test_kernels_under_compute_sanitizer" not in tests  # (the GPU tests skip here)
+    assert "compute_sanitizer[memcheck" in sanitizer and "compute_sanitizer[racecheck" in sanitizer
     assert "needs CuPy and a usable CUDA GPU" in (out / f"{stamp}-host.txt").read_text()
     assert f"{stamp}-host.json: not written" in summary and f"{stamp}-host-noop.json: not written" in summary
     # At most the eight files a lent device returns: here all but the two host-time reports.
