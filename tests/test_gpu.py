@@ -340,7 +340,6 @@ def test_strided_parameters_updated_in_place_without_allocation():
     np.testing.assert_allclose(x.get(), host_x, rtol=1e-5, atol=1e-7)
 
 
-
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_strided_steps_equal_contiguous_steps_with_mixed_precision(dtype):
     """CuPy's element-wise kernel (strides) and the raw kernels (contiguous) give the same
@@ -362,6 +361,7 @@ def test_strided_steps_equal_contiguous_steps_with_mixed_precision(dtype):
     masters = [cupy.asnumpy(opt.state_for(x).slots[0]) for opt, x in zip(opts, (strided, contiguous))]
     assert np.array_equal(masters[0], masters[1])
     np.testing.assert_array_equal(cupy.asnumpy(strided), masters[0].reshape(strided.shape).astype(dtype))
+
 
 def test_prepared_collection_update_allocates_nothing_per_step():
     import cupy
@@ -427,7 +427,6 @@ def test_torch_side_stream_backward_then_update_in_order():
         np.testing.assert_allclose(p.detach().cpu().numpy(), e, rtol=1e-5, atol=1e-7)
 
 
-
 def test_first_update_on_a_torch_side_stream_sees_its_fresh_state():
     """New state (here MixedPrecision's master copy, which starts as the parameter) is made on
     torch's stream: with CuPy's stream busy, an update on a side stream still reads it filled."""
@@ -443,6 +442,7 @@ def test_first_update_on_a_torch_side_stream_sees_its_fresh_state():
         gpuopt.update(opt, [param], [torch.ones_like(param)])
     torch.cuda.synchronize()
     assert torch.all(param == 2.5)  # 3 - 0.5 * 1, from a master copy of 3, not of whatever was there
+
 
 def test_update_during_cupy_graph_capture_is_an_error():
     import cupy

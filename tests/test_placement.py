@@ -81,7 +81,6 @@ def test_torch_tensors_use_torchs_stream(gpus):
     assert {launch.stream.name for launch in gpus.launched} == {"torch:0"}
 
 
-
 def test_state_output_and_loaded_state_are_made_on_torchs_stream(gpus, tmp_path):
     """What the API layer itself queues (new state and MixedPrecision's master copy, apply's
     output, a loaded checkpoint's state) goes to the stream the updates run on: a PyTorch side
@@ -98,6 +97,7 @@ def test_state_output_and_loaded_state_are_made_on_torchs_stream(gpus, tmp_path)
     gpuopt.load_state(opt, params, tmp_path / "state.npz")
     assert len(gpus.allocations) >= 1 + 2 and set(gpus.allocations) == {(0, torch_stream)}
     assert gpus.current_stream is None  # the caller's current stream is left as it was
+
 
 @pytest.mark.parametrize("query_fails", [False, True])
 @pytest.mark.parametrize("prepared", [False, True])
