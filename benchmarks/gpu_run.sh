@@ -52,7 +52,7 @@ print("CUDA headers for NVRTC:", cuda_include_options() or "none found (float16/
 PY
     compute-sanitizer --version
 } > "$out/$stamp-machine.txt" 2>&1
-: > "$out/$stamp-host.txt"
+for log in pytest bench host; do : > "$out/$stamp-$log.txt"; done  # (each step adds to its log)
 start=$SECONDS
 steps=() failed=0
 # step NAME LIMIT LOG COMMAND...: run it for at most LIMIT seconds (then interrupted, so pytest
@@ -65,8 +65,6 @@ step() {
     if [ "$status" = 124 ]; then steps+=("$name: stopped after its limit of $limit s"); else steps+=("$name: exit $status"); fi
     [ "$status" = 0 ] || failed=1
 }
-: > "$out/$stamp-pytest.txt"
-: > "$out/$stamp-bench.txt"
 pytest=(python3 -m pytest -rs --durations=25 -p no:cacheprovider)
 if [ "$quick" = 1 ]; then
     step tests "${limits[0]}" "$out/$stamp-pytest.txt" "${pytest[@]}" -v -m gpu -k "not compute_sanitizer"
